@@ -48,6 +48,18 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
 
+    /// The sink refused an event for good (a 4xx other than 404/408/409/429,
+    /// or a 3xx): sending the same bytes again cannot succeed.
+    #[error("sink rejected event {event_id} with HTTP {status}: {body}")]
+    RejectEvent {
+        /// The event's id.
+        event_id: String,
+        /// The HTTP status the sink answered.
+        status: u16,
+        /// The start of the sink's answer, for the operator.
+        body: String,
+    },
+
     /// Patching the ledger annotation onto the TaskRun failed.
     #[error("patching the ledger of TaskRun {object} failed: {source}")]
     PatchLedger {
@@ -105,6 +117,7 @@ impl Error {
             | Error::MalformedLedger(_)
             | Error::BuildEvent(_)
             | Error::InvalidSink { .. }
+            | Error::RejectEvent { .. }
             | Error::HttpClient(_)
             | Error::Serve { .. } => false,
         }
@@ -119,6 +132,7 @@ impl Error {
             Error::InvalidSink { .. } => "invalid_sink",
             Error::HttpClient(_) => "http_client",
             Error::SendEvent { .. } => "send_event",
+            Error::RejectEvent { .. } => "reject_event",
             Error::PatchLedger { .. } => "patch_ledger",
             Error::ReadLog { .. } => "read_log",
             Error::Kube { .. } => "kube",

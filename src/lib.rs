@@ -3,3 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod event;
+pub mod ledger;
+pub mod steps;
+pub mod tekton;
+#[doc(hidden)]
+pub mod testing;

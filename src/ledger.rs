@@ -1,0 +1,287 @@
+//! The ledger: what the observer has already handed to the sink, per step.
+//!
+//! It lives on the TaskRun in the annotation
+//! [`LEDGER_ANNOTATION`](crate::tekton::LEDGER_ANNOTATION), in the original
+//! step plugin's shape, so tools written for that plugin keep working:
+//!
+//! ```json
+//! {"statuses":[{"name":"build","emitted":["dev.tekton.event.plugin.step.started.v1"]}]}
+//! ```
+//!
+//! We add one optional list, `rejected`, for events the sink refused for good
+//! (a 4xx): they are settled too, and must not be sent again. Entries only
+//! ever grow, so merging two ledgers is a union and a stale copy can never
+//! take an event back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::steps::StepEventKind;
+
+/// How an event was settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// The sink answered 2xx.
+    Delivered,
+    /// The sink refused it permanently (4xx other than the retried ones).
+    Rejected,
+}
+
+/// What was settled for one step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Step name, as in `status.steps[].name`.
+    pub name: String,
+    delivered: KindSet,
+    rejected: KindSet,
+}
+
+impl StepRecord {
+    /// Whether an event of this kind was settled (delivered or rejected).
+    pub fn settled(&self, kind: StepEventKind) -> bool {
+        self.delivered.contains(kind) || self.rejected.contains(kind)
+    }
+
+    /// Whether an event of this kind reached the sink.
+    pub fn delivered(&self, kind: StepEventKind) -> bool {
+        self.delivered.contains(kind)
+    }
+}
+
+/// A tiny set of event kinds: four bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct KindSet(u8);
+
+impl KindSet {
+    fn bit(kind: StepEventKind) -> u8 {
+        1 << (kind as u8)
+    }
+    fn contains(self, kind: StepEventKind) -> bool {
+        self.0 & Self::bit(kind) != 0
+    }
+    fn insert(&mut self, kind: StepEventKind) {
+        self.0 |= Self::bit(kind);
+    }
+    fn iter(self) -> impl Iterator<Item = StepEventKind> {
+        StepEventKind::ALL
+            .into_iter()
+            .filter(move |k| self.contains(*k))
+    }
+}
+
+/// The whole ledger of one TaskRun, in the order steps were first recorded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    steps: Vec<StepRecord>,
+}
+
+/// The annotation's JSON shape.
+#[derive(Deserialize, Serialize)]
+struct LedgerJson {
+    #[serde(default)]
+    statuses: Vec<StepJson>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct StepJson {
+    name: String,
+    #[serde(default)]
+    emitted: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<String>,
+}
+
+impl Ledger {
+    /// Parses the annotation. Event types are recognised by their last two
+    /// segments (`step.started.v1` → started), so a ledger written under
+    /// another `--type-prefix` still counts; types we do not know are
+    /// ignored rather than failing the whole ledger.
+    pub fn parse(annotation: &str) -> Result<Self> {
+        // serde would also read a struct from a JSON array; the shape is an object.
+        if !annotation.trim_start().starts_with('{') {
+            return Err(Error::MalformedLedger(serde::de::Error::custom(
+                "expected a JSON object with a \"statuses\" list",
+            )));
+        }
+        let json: LedgerJson = serde_json::from_str(annotation).map_err(Error::MalformedLedger)?;
+        let mut ledger = Ledger::default();
+        for step in json.statuses {
+            let record = ledger.record_mut(&step.name);
+            for kind in step.emitted.iter().filter_map(|t| kind_of_type(t)) {
+                record.delivered.insert(kind);
+            }
+            for kind in step.rejected.iter().filter_map(|t| kind_of_type(t)) {
+                record.rejected.insert(kind);
+            }
+        }
+        Ok(ledger)
+    }
+
+    /// Serializes to the annotation's JSON, writing full event types under
+    /// `type_prefix`.
+    pub fn to_annotation(&self, type_prefix: &str) -> String {
+        let to_types =
+            |set: KindSet| -> Vec<String> { set.iter().map(|k| k.event_type(type_prefix)).collect() };
+        let json = LedgerJson {
+            statuses: self
+                .steps
+                .iter()
+                .map(|s| StepJson {
+                    name: s.name.clone(),
+                    emitted: to_types(s.delivered),
+                    rejected: to_types(s.rejected),
+                })
+                .collect(),
+        };
+        // Serializing plain strings and vectors cannot fail; fall back to an
+        // empty ledger rather than panic if serde ever says otherwise.
+        serde_json::to_string(&json).unwrap_or_else(|_| String::from(r#"{"statuses":[]}"#))
+    }
+
+    /// The record of one step, if any.
+    pub fn step(&self, name: &str) -> Option<&StepRecord> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// Whether the event of `kind` for step `name` is settled.
+    pub fn settled(&self, name: &str, kind: StepEventKind) -> bool {
+        self.step(name).is_some_and(|s| s.settled(kind))
+    }
+
+    /// Records an event as settled. Returns whether it was new.
+    pub fn record(&mut self, name: &str, kind: StepEventKind, how: Settlement) -> bool {
+        if self.settled(name, kind) {
+            return false;
+        }
+        let record = self.record_mut(name);
+        match how {
+            Settlement::Delivered => record.delivered.insert(kind),
+            Settlement::Rejected => record.rejected.insert(kind),
+        }
+        true
+    }
+
+    /// Adds everything `other` settled.
+    pub fn merge(&mut self, other: &Ledger) {
+        for step in &other.steps {
+            let record = self.record_mut(&step.name);
+            record.delivered.0 |= step.delivered.0;
+            record.rejected.0 |= step.rejected.0;
+        }
+    }
+
+    /// Whether every event `other` settled is settled here too.
+    pub fn covers(&self, other: &Ledger) -> bool {
+        other.steps.iter().all(|theirs| {
+            let ours = self.step(&theirs.name).cloned().unwrap_or_default();
+            let mine = ours.delivered.0 | ours.rejected.0;
+            (theirs.delivered.0 | theirs.rejected.0) & !mine == 0
+        })
+    }
+
+    /// Number of settled events.
+    pub fn len(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| (s.delivered.0 | s.rejected.0).count_ones() as usize)
+            .sum()
+    }
+
+    /// Whether nothing is settled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The per-step records.
+    pub fn steps(&self) -> &[StepRecord] {
+        &self.steps
+    }
+
+    fn record_mut(&mut self, name: &str) -> &mut StepRecord {
+        let index = match self.steps.iter().position(|s| s.name == name) {
+            Some(index) => index,
+            None => {
+                self.steps.push(StepRecord {
+                    name: name.to_owned(),
+                    ..StepRecord::default()
+                });
+                self.steps.len() - 1
+            }
+        };
+        &mut self.steps[index]
+    }
+}
+
+/// Maps a full event type to its kind by its `<kind>.v1` ending.
+fn kind_of_type(event_type: &str) -> Option<StepEventKind> {
+    let mut parts = event_type.rsplit('.');
+    let version = parts.next()?;
+    let kind = parts.next()?;
+    if version != "v1" {
+        return None;
+    }
+    StepEventKind::ALL.into_iter().find(|k| k.as_str() == kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PREFIX: &str = "dev.tekton.event.plugin.step";
+
+    #[test]
+    fn parses_the_original_plugins_shape() {
+        let ledger = Ledger::parse(
+            r#"{"statuses":[{"name":"build","emitted":["dev.tekton.event.plugin.step.started.v1","dev.tekton.event.plugin.step.succeeded.v1"]},{"name":"push","emitted":["tom24d.event.plugin.step.skipped.v1"]}]}"#,
+        )
+        .unwrap();
+        assert!(ledger.settled("build", StepEventKind::Started));
+        assert!(ledger.settled("build", StepEventKind::Succeeded));
+        assert!(!ledger.settled("build", StepEventKind::Failed));
+        assert!(ledger.settled("push", StepEventKind::Skipped));
+        assert_eq!(ledger.len(), 3);
+    }
+
+    #[test]
+    fn round_trips_with_rejections() {
+        let mut ledger = Ledger::default();
+        assert!(ledger.record("a", StepEventKind::Started, Settlement::Delivered));
+        assert!(ledger.record("a", StepEventKind::Failed, Settlement::Rejected));
+        assert!(!ledger.record("a", StepEventKind::Failed, Settlement::Delivered));
+        let text = ledger.to_annotation(PREFIX);
+        assert_eq!(
+            text,
+            r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.started.v1"],"rejected":["dev.tekton.event.plugin.step.failed.v1"]}]}"#
+        );
+        assert_eq!(Ledger::parse(&text).unwrap(), ledger);
+    }
+
+    #[test]
+    fn malformed_annotations_are_errors_not_panics() {
+        for bad in ["", "{", "[]", r#"{"statuses":"x"}"#, r#"{"statuses":[{"emitted":[]}]}"#] {
+            assert!(Ledger::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_steps_are_kept_harmless() {
+        let ledger = Ledger::parse(
+            r#"{"statuses":[{"name":"ghost","emitted":["x.y.exploded.v1","nonsense",""]}],"extra":1}"#,
+        )
+        .unwrap();
+        assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn merge_is_a_union_and_covers_tells_containment() {
+        let mut a = Ledger::default();
+        a.record("s", StepEventKind::Started, Settlement::Delivered);
+        let mut b = Ledger::default();
+        b.record("s", StepEventKind::Succeeded, Settlement::Delivered);
+        b.record("t", StepEventKind::Skipped, Settlement::Rejected);
+        assert!(!a.covers(&b));
+        a.merge(&b);
+        assert!(a.covers(&b));
+        assert_eq!(a.len(), 3);
+    }
+}

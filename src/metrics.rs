@@ -1,0 +1,624 @@
+//! Prometheus metrics of the observer, served in OpenMetrics text by
+//! [`crate::server`].
+//!
+//! Every label has a small, fixed set of values (enums here, or `&'static str`
+//! from [`crate::error::Error::metric_label`]): TaskRun names, namespaces or
+//! sink URLs never become labels, so the number of series stays bounded
+//! however many TaskRuns the cluster runs.
+//!
+//! Final names (prefix `tekton_step_observer_`; counters get `_total` on the
+//! wire):
+//!
+//! | name | kind | labels |
+//! | --- | --- | --- |
+//! | `events_total` | counter | `type`, `outcome` |
+//! | `delivery_latency_seconds` | histogram | `type` |
+//! | `delivery_retries_total` | counter | `reason` |
+//! | `reconcile_duration_seconds` | histogram | |
+//! | `reconcile_errors_total` | counter | `kind` |
+//! | `queue_depth` | gauge | |
+//! | `sink_configured` | gauge | |
+//! | `leader` | gauge | |
+//! | `ledger_malformed_total` | counter | |
+//! | `events_lost_total` | counter | `reason` |
+//! | `log_read_errors_total` | counter | |
+//! | `watch_errors_total` | counter | |
+//! | `tracked_taskruns` | gauge | |
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Prefix of every metric name, so that they group together in Prometheus.
+pub const METRIC_PREFIX: &str = "tekton_step_observer";
+
+/// Each histogram bucket is twice the one before: a few buckets then span
+/// several orders of magnitude at a bounded number of series.
+const BUCKET_FACTOR: f64 = 2.0;
+
+/// 5 ms: the fastest a sink in the same cluster answers, so the first bucket
+/// still separates "immediate" from "slow".
+const LATENCY_FIRST_BUCKET_SECONDS: f64 = 0.005;
+
+/// 17 doublings from 5 ms end at ~328 s, past the ~5 min that a delivery can
+/// take while it retries a failing sink.
+const LATENCY_BUCKET_COUNT: u16 = 17;
+
+/// 1 ms: a reconcile that finds nothing to send finishes about this fast.
+const RECONCILE_FIRST_BUCKET_SECONDS: f64 = 0.001;
+
+/// 16 doublings from 1 ms end at ~33 s, past an API call that runs into its
+/// timeout during a reconcile.
+const RECONCILE_BUCKET_COUNT: u16 = 16;
+
+/// The kind of step transition an event announces.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum EventType {
+    /// The step's container started running.
+    Started,
+    /// The step finished with exit code 0.
+    Succeeded,
+    /// The step finished with a non-zero exit code or was terminated.
+    Failed,
+    /// The step never ran (an earlier step failed, or the TaskRun was
+    /// cancelled or timed out first).
+    Skipped,
+}
+
+impl EventType {
+    /// Every variant, to create all series up front.
+    pub const ALL: [EventType; 4] = [
+        EventType::Started,
+        EventType::Succeeded,
+        EventType::Failed,
+        EventType::Skipped,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Started => "started",
+            EventType::Succeeded => "succeeded",
+            EventType::Failed => "failed",
+            EventType::Skipped => "skipped",
+        }
+    }
+}
+
+impl EncodeLabelValue for EventType {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// What finally became of an event.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Outcome {
+    /// The sink accepted it (2xx).
+    Delivered,
+    /// The sink refused it for good (a 4xx that retrying cannot fix).
+    Rejected,
+}
+
+impl Outcome {
+    /// Every variant, to create all series up front.
+    const ALL: [Outcome; 2] = [Outcome::Delivered, Outcome::Rejected];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// Why a delivery attempt is tried again.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The TCP/TLS connection to the sink could not be made.
+    Connect,
+    /// The sink did not answer in time.
+    Timeout,
+    /// The sink answered 5xx.
+    ServerError,
+    /// The sink answered 429.
+    Throttled,
+    /// The sink answered 404 (e.g. a Knative broker that is not ready yet).
+    NotFound,
+    /// The sink answered 409.
+    Conflict,
+    /// Anything else.
+    Other,
+}
+
+impl RetryReason {
+    /// Every variant, to create all series up front.
+    pub const ALL: [RetryReason; 7] = [
+        RetryReason::Connect,
+        RetryReason::Timeout,
+        RetryReason::ServerError,
+        RetryReason::Throttled,
+        RetryReason::NotFound,
+        RetryReason::Conflict,
+        RetryReason::Other,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Connect => "connect",
+            RetryReason::Timeout => "timeout",
+            RetryReason::ServerError => "server_error",
+            RetryReason::Throttled => "throttled",
+            RetryReason::NotFound => "not_found",
+            RetryReason::Conflict => "conflict",
+            RetryReason::Other => "other",
+        }
+    }
+
+    /// The reason for retrying after the sink answered with `status`.
+    pub fn from_status(status: u16) -> Self {
+        match status {
+            429 => RetryReason::Throttled,
+            404 => RetryReason::NotFound,
+            409 => RetryReason::Conflict,
+            408 | 504 => RetryReason::Timeout,
+            500..=599 => RetryReason::ServerError,
+            _ => RetryReason::Other,
+        }
+    }
+
+    /// The reason for retrying after the HTTP client itself failed.
+    pub fn from_reqwest(error: &reqwest::Error) -> Self {
+        if error.is_timeout() {
+            RetryReason::Timeout
+        } else if error.is_connect() {
+            RetryReason::Connect
+        } else if let Some(status) = error.status() {
+            RetryReason::from_status(status.as_u16())
+        } else {
+            RetryReason::Other
+        }
+    }
+}
+
+impl EncodeLabelValue for RetryReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// Why events that were owed will never be sent.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LostReason {
+    /// The TaskRun was deleted before its events were delivered.
+    TaskRunDeleted,
+}
+
+impl LostReason {
+    /// Every variant, to create all series up front.
+    pub const ALL: [LostReason; 1] = [LostReason::TaskRunDeleted];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::TaskRunDeleted => "taskrun_deleted",
+        }
+    }
+}
+
+impl EncodeLabelValue for LostReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    r#type: EventType,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    r#type: EventType,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    reason: RetryReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    reason: LostReason,
+}
+
+/// A histogram family whose histograms all share one bucket layout.
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        LATENCY_FIRST_BUCKET_SECONDS,
+        BUCKET_FACTOR,
+        LATENCY_BUCKET_COUNT,
+    ))
+}
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        RECONCILE_FIRST_BUCKET_SECONDS,
+        BUCKET_FACTOR,
+        RECONCILE_BUCKET_COUNT,
+    ))
+}
+
+struct Inner {
+    registry: Registry,
+    events: Family<EventLabels, Counter>,
+    delivery_latency: HistogramFamily<TypeLabels>,
+    delivery_retries: Family<RetryLabels, Counter>,
+    reconcile_duration: Histogram,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    queue_depth: Gauge,
+    sink_configured: Gauge,
+    leader: Gauge,
+    ledger_malformed: Counter,
+    events_lost: Family<LostLabels, Counter>,
+    log_read_errors: Counter,
+    watch_errors: Counter,
+    tracked_taskruns: Gauge,
+}
+
+/// All metrics of the process. Cloning is cheap (one `Arc`); every clone
+/// records into the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric, with every label combination known up front
+    /// already at zero: `rate()` and `increase()` then see the first event
+    /// instead of a series that appears out of nowhere.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(METRIC_PREFIX);
+
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events",
+            "Step events by type and final outcome at the sink",
+            events.clone(),
+        );
+        for r#type in EventType::ALL {
+            for outcome in Outcome::ALL {
+                events.get_or_create(&EventLabels { r#type, outcome });
+            }
+        }
+
+        let delivery_latency: HistogramFamily<TypeLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "delivery_latency",
+            "Time from observing a step transition to the sink's final answer, retries included",
+            Unit::Seconds,
+            delivery_latency.clone(),
+        );
+        for r#type in EventType::ALL {
+            delivery_latency.get_or_create(&TypeLabels { r#type });
+        }
+
+        let delivery_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "delivery_retries",
+            "Delivery attempts that failed and are tried again, by reason",
+            delivery_retries.clone(),
+        );
+        for reason in RetryReason::ALL {
+            delivery_retries.get_or_create(&RetryLabels { reason });
+        }
+
+        let reconcile_duration = reconcile_histogram();
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time one reconcile of a TaskRun takes",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that ended in an error, by kind of error",
+            reconcile_errors.clone(),
+        );
+
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "TaskRuns with events owed but not yet delivered",
+            queue_depth.clone(),
+        );
+
+        let sink_configured = Gauge::default();
+        registry.register(
+            "sink_configured",
+            "1 when a valid sink URL is configured, else 0",
+            sink_configured.clone(),
+        );
+
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease and sends events, else 0",
+            leader.clone(),
+        );
+
+        let ledger_malformed = Counter::default();
+        registry.register(
+            "ledger_malformed",
+            "TaskRuns whose ledger annotation could not be read",
+            ledger_malformed.clone(),
+        );
+
+        let events_lost = Family::<LostLabels, Counter>::default();
+        registry.register(
+            "events_lost",
+            "Events that were owed but will never be sent, by reason",
+            events_lost.clone(),
+        );
+        for reason in LostReason::ALL {
+            events_lost.get_or_create(&LostLabels { reason });
+        }
+
+        let log_read_errors = Counter::default();
+        registry.register(
+            "log_read_errors",
+            "Failed reads of a step container's log",
+            log_read_errors.clone(),
+        );
+
+        let watch_errors = Counter::default();
+        registry.register(
+            "watch_errors",
+            "Errors of the Kubernetes watches (TaskRuns, sink ConfigMaps)",
+            watch_errors.clone(),
+        );
+
+        let tracked_taskruns = Gauge::default();
+        registry.register(
+            "tracked_taskruns",
+            "TaskRuns currently known to the controller",
+            tracked_taskruns.clone(),
+        );
+
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                events,
+                delivery_latency,
+                delivery_retries,
+                reconcile_duration,
+                reconcile_errors,
+                queue_depth,
+                sink_configured,
+                leader,
+                ledger_malformed,
+                events_lost,
+                log_read_errors,
+                watch_errors,
+                tracked_taskruns,
+            }),
+        }
+    }
+
+    /// The sink accepted an event; `latency` runs from when the transition
+    /// was observed to the sink's answer.
+    pub fn record_delivered(&self, event_type: EventType, latency: Duration) {
+        self.record_final(event_type, Outcome::Delivered, latency);
+    }
+
+    /// The sink refused an event for good; `latency` as for
+    /// [`Metrics::record_delivered`].
+    pub fn record_rejected(&self, event_type: EventType, latency: Duration) {
+        self.record_final(event_type, Outcome::Rejected, latency);
+    }
+
+    fn record_final(&self, event_type: EventType, outcome: Outcome, latency: Duration) {
+        self.inner
+            .events
+            .get_or_create(&EventLabels {
+                r#type: event_type,
+                outcome,
+            })
+            .inc();
+        self.inner
+            .delivery_latency
+            .get_or_create(&TypeLabels { r#type: event_type })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// A delivery attempt failed and will be tried again.
+    pub fn record_retry(&self, reason: RetryReason) {
+        self.inner
+            .delivery_retries
+            .get_or_create(&RetryLabels { reason })
+            .inc();
+    }
+
+    /// One reconcile took `duration`, whatever its result.
+    pub fn observe_reconcile(&self, duration: Duration) {
+        self.inner
+            .reconcile_duration
+            .observe(duration.as_secs_f64());
+    }
+
+    /// A reconcile ended in an error of `kind` (use
+    /// [`crate::error::Error::metric_label`], which is bounded).
+    pub fn record_reconcile_error(&self, kind: &'static str) {
+        self.inner
+            .reconcile_errors
+            .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+
+    /// How many TaskRuns owe events that are not delivered yet.
+    pub fn set_queue_depth(&self, taskruns: usize) {
+        self.inner.queue_depth.set(saturating_i64(taskruns));
+    }
+
+    /// Whether a valid sink is configured.
+    pub fn set_sink_configured(&self, configured: bool) {
+        self.inner.sink_configured.set(i64::from(configured));
+    }
+
+    /// Whether this replica holds the leader lease.
+    pub fn set_leader(&self, leader: bool) {
+        self.inner.leader.set(i64::from(leader));
+    }
+
+    /// A TaskRun's ledger annotation could not be parsed.
+    pub fn record_malformed_ledger(&self) {
+        self.inner.ledger_malformed.inc();
+    }
+
+    /// `events` owed events will never be sent, because of `reason`.
+    pub fn record_lost(&self, reason: LostReason, events: u64) {
+        self.inner
+            .events_lost
+            .get_or_create(&LostLabels { reason })
+            .inc_by(events);
+    }
+
+    /// Reading a step container's log failed.
+    pub fn record_log_read_error(&self) {
+        self.inner.log_read_errors.inc();
+    }
+
+    /// A Kubernetes watch reported an error (it restarts by itself).
+    pub fn record_watch_error(&self) {
+        self.inner.watch_errors.inc();
+    }
+
+    /// How many TaskRuns the controller currently tracks.
+    pub fn set_tracked_taskruns(&self, taskruns: usize) {
+        self.inner.tracked_taskruns.set(saturating_i64(taskruns));
+    }
+
+    /// Every metric in the OpenMetrics text format, ending in `# EOF`.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
+        Ok(out)
+    }
+}
+
+/// Gauges hold `i64`; a count never gets near its limit, but saturate rather
+/// than wrap if it somehow did.
+fn saturating_i64(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_names_every_metric_after_recording() {
+        let metrics = Metrics::new();
+        metrics.record_delivered(EventType::Started, Duration::from_millis(12));
+        metrics.record_rejected(EventType::Failed, Duration::from_secs(2));
+        metrics.record_retry(RetryReason::Throttled);
+        metrics.observe_reconcile(Duration::from_millis(3));
+        metrics.record_reconcile_error("patch_ledger");
+        metrics.set_queue_depth(3);
+        metrics.set_sink_configured(true);
+        metrics.set_leader(true);
+        metrics.record_malformed_ledger();
+        metrics.record_lost(LostReason::TaskRunDeleted, 2);
+        metrics.record_log_read_error();
+        metrics.record_watch_error();
+        metrics.set_tracked_taskruns(7);
+
+        let text = metrics.encode().unwrap();
+        for expected in [
+            r#"tekton_step_observer_events_total{type="started",outcome="delivered"} 1"#,
+            r#"tekton_step_observer_events_total{type="failed",outcome="rejected"} 1"#,
+            r#"tekton_step_observer_events_total{type="skipped",outcome="delivered"} 0"#,
+            "# TYPE tekton_step_observer_delivery_latency_seconds histogram",
+            "# UNIT tekton_step_observer_delivery_latency_seconds seconds",
+            r#"tekton_step_observer_delivery_latency_seconds_count{type="started"} 1"#,
+            r#"tekton_step_observer_delivery_latency_seconds_bucket{le="0.02",type="started"} 1"#,
+            r#"tekton_step_observer_delivery_retries_total{reason="throttled"} 1"#,
+            r#"tekton_step_observer_delivery_retries_total{reason="server_error"} 0"#,
+            "tekton_step_observer_reconcile_duration_seconds_count 1",
+            r#"tekton_step_observer_reconcile_errors_total{kind="patch_ledger"} 1"#,
+            "tekton_step_observer_queue_depth 3",
+            "tekton_step_observer_sink_configured 1",
+            "tekton_step_observer_leader 1",
+            "tekton_step_observer_ledger_malformed_total 1",
+            r#"tekton_step_observer_events_lost_total{reason="taskrun_deleted"} 2"#,
+            "tekton_step_observer_log_read_errors_total 1",
+            "tekton_step_observer_watch_errors_total 1",
+            "tekton_step_observer_tracked_taskruns 7",
+        ] {
+            assert!(
+                text.contains(expected),
+                "missing {expected:?} in:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "not OpenMetrics:\n{text}");
+    }
+
+    #[test]
+    fn latency_buckets_span_five_ms_to_five_minutes() {
+        let bounds: Vec<f64> = exponential_buckets(
+            LATENCY_FIRST_BUCKET_SECONDS,
+            BUCKET_FACTOR,
+            LATENCY_BUCKET_COUNT,
+        )
+        .collect();
+        assert_eq!(bounds.first().copied(), Some(0.005));
+        assert!(bounds.last().copied().unwrap_or_default() >= 300.0);
+    }
+
+    #[test]
+    fn retry_reason_from_status() {
+        assert_eq!(RetryReason::from_status(429), RetryReason::Throttled);
+        assert_eq!(RetryReason::from_status(503), RetryReason::ServerError);
+        assert_eq!(RetryReason::from_status(504), RetryReason::Timeout);
+        assert_eq!(RetryReason::from_status(404), RetryReason::NotFound);
+        assert_eq!(RetryReason::from_status(409), RetryReason::Conflict);
+        assert_eq!(RetryReason::from_status(400), RetryReason::Other);
+    }
+}

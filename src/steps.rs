@@ -1,0 +1,500 @@
+//! PURE: the step state machine. Given what a TaskRun's status says now and
+//! what the ledger says was settled, which step events are owed, in order?
+//!
+//! NB: Tekton starts every step container at once; its entrypoint makes each
+//! wait for the one before. So a `running` container does not mean its step
+//! runs. Step 0 starts when its container runs; step i>0 starts when step
+//! i-1 ended in a way that lets it go on (succeeded, or failed with
+//! `onError: continue`). Everything here reads the whole `status.steps` list.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::ledger::Ledger;
+use crate::tekton::TaskRunStatus;
+
+/// The four step events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepEventKind {
+    /// The step began to run.
+    Started = 0,
+    /// The step exited 0.
+    Succeeded = 1,
+    /// The step exited non-zero, or was killed by a timeout or cancellation.
+    Failed = 2,
+    /// The step never ran.
+    Skipped = 3,
+}
+
+impl StepEventKind {
+    /// All kinds, in a fixed order.
+    pub const ALL: [StepEventKind; 4] = [
+        StepEventKind::Started,
+        StepEventKind::Succeeded,
+        StepEventKind::Failed,
+        StepEventKind::Skipped,
+    ];
+
+    /// The kind's word in event types and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepEventKind::Started => "started",
+            StepEventKind::Succeeded => "succeeded",
+            StepEventKind::Failed => "failed",
+            StepEventKind::Skipped => "skipped",
+        }
+    }
+
+    /// The full CloudEvents type, e.g. `dev.tekton.event.plugin.step.failed.v1`.
+    pub fn event_type(self, prefix: &str) -> String {
+        format!("{prefix}.{}.v1", self.as_str())
+    }
+
+    /// Whether this event ends the step.
+    pub fn is_terminal(self) -> bool {
+        self != StepEventKind::Started
+    }
+}
+
+/// `terminationReason` values Tekton sets on a step (pkg/pod/status.go).
+mod termination_reason {
+    pub const SKIPPED: &str = "Skipped";
+    pub const CONTINUED: &str = "Continued";
+    pub const CANCELLED: &str = "Cancelled";
+    pub const TIMEOUT_EXCEEDED: &str = "TimeoutExceeded";
+}
+
+/// Reasons Tekton writes into a step's `terminated.reason` when it ends the
+/// whole TaskRun (cancel, timeout) rather than the step ending by itself.
+const RUN_KILL_REASONS: [&str; 2] = ["TaskRunCancelled", "TaskRunTimeout"];
+
+/// One owed (or reached) step event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Position of the step in the Task.
+    pub step_index: usize,
+    /// The step's name as Tekton reports it (`unnamed-0` for unnamed steps).
+    pub step_name: String,
+    /// What happened.
+    pub kind: StepEventKind,
+    /// When it happened, from the step's state (not when we noticed).
+    pub time: Option<DateTime<Utc>>,
+    /// Why a step failed or was skipped, for humans.
+    pub reason: Option<String>,
+}
+
+impl Transition {
+    /// The event's position within its TaskRun: started(i) is 2i+1 and the
+    /// terminal event 2i+2, so consumers can restore order and the number is
+    /// the same on every resend.
+    pub fn sequence(&self) -> u64 {
+        let base = 2 * self.step_index as u64;
+        if self.kind == StepEventKind::Started {
+            base + 1
+        } else {
+            base + 2
+        }
+    }
+}
+
+/// Why no decision can be made yet. Nothing is emitted; the next status
+/// update is awaited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// Tekton has not reconciled the TaskRun yet.
+    NoStatus,
+    /// `status.taskSpec` is missing (still resolving the Task).
+    NoTaskSpec,
+    /// `status.steps` does not line up with the spec's steps.
+    StepsMismatch {
+        /// Steps in the spec.
+        spec: usize,
+        /// Entries in `status.steps`.
+        status: usize,
+    },
+    /// A step name in the status differs from the spec's at the same index.
+    StepNameMismatch {
+        /// Index of the first disagreement.
+        index: usize,
+    },
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::NoStatus => write!(f, "no status yet"),
+            NotReady::NoTaskSpec => write!(f, "status.taskSpec not resolved yet"),
+            NotReady::StepsMismatch { spec, status } => {
+                write!(f, "status has {status} steps, spec has {spec}")
+            }
+            NotReady::StepNameMismatch { index } => {
+                write!(f, "step {index} is named differently in status and spec")
+            }
+        }
+    }
+}
+
+/// Whether the TaskRun as a whole has ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RunPhase {
+    /// Still running (or not started).
+    #[default]
+    Running,
+    /// Ended: the `Succeeded` condition is True or False.
+    Finished {
+        /// The condition's reason (`Succeeded`, `Failed`, `TaskRunCancelled`, ...).
+        reason: Option<String>,
+        /// `status.completionTime`.
+        at: Option<DateTime<Utc>>,
+    },
+}
+
+/// The container state of one step, as the decision needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StepPhase {
+    /// No state yet, or `waiting`.
+    #[default]
+    Waiting,
+    /// The container runs (which need not mean the step does).
+    Running {
+        /// Container start.
+        started_at: Option<DateTime<Utc>>,
+    },
+    /// The container ended.
+    Terminated {
+        /// Exit code as Tekton reports it (the real one for onError continue).
+        exit_code: i64,
+        /// `terminated.reason`.
+        reason: Option<String>,
+        /// When the step started (Tekton takes it from the entrypoint).
+        started_at: Option<DateTime<Utc>>,
+        /// When it ended.
+        finished_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// One step: its spec facts and its state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepFacts {
+    /// Name as in `status.steps[].name`.
+    pub name: String,
+    /// `onError: continue` in the spec.
+    pub continue_on_error: bool,
+    /// Container state.
+    pub phase: StepPhase,
+    /// `terminationReason`, where Tekton reports it.
+    pub termination_reason: Option<String>,
+}
+
+/// Everything the decision reads from one TaskRun status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFacts {
+    /// The steps in order.
+    pub steps: Vec<StepFacts>,
+    /// Whether the run ended.
+    pub phase: RunPhase,
+}
+
+/// Reads the facts out of a TaskRun status, or says why it cannot yet.
+pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
+    let status = status.ok_or(NotReady::NoStatus)?;
+    let spec_steps = &status.task_spec.as_ref().ok_or(NotReady::NoTaskSpec)?.steps;
+    if spec_steps.is_empty() {
+        return Err(NotReady::NoTaskSpec);
+    }
+    let phase = run_phase(status);
+    let spec_names = spec_steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| match step.get("name").and_then(Value::as_str) {
+            Some(name) if !name.is_empty() => name.to_owned(),
+            _ => format!("unnamed-{i}"),
+        });
+    let continues = spec_steps
+        .iter()
+        .map(|step| step.get("onError").and_then(Value::as_str) == Some("continue"));
+
+    // NB: a run that ended before its pod ran (e.g. timed out while pending)
+    // has no step states at all; its steps all count as never started.
+    if status.steps.is_empty() && matches!(phase, RunPhase::Finished { .. }) {
+        let steps = spec_names
+            .zip(continues)
+            .map(|(name, continue_on_error)| StepFacts {
+                name,
+                continue_on_error,
+                ..StepFacts::default()
+            })
+            .collect();
+        return Ok(RunFacts { steps, phase });
+    }
+    if status.steps.len() != spec_steps.len() {
+        return Err(NotReady::StepsMismatch {
+            spec: spec_steps.len(),
+            status: status.steps.len(),
+        });
+    }
+    let mut steps = Vec::with_capacity(spec_steps.len());
+    for (index, ((spec_name, continue_on_error), state)) in
+        spec_names.zip(continues).zip(&status.steps).enumerate()
+    {
+        let name = state.get("name").and_then(Value::as_str).unwrap_or_default();
+        if name != spec_name {
+            return Err(NotReady::StepNameMismatch { index });
+        }
+        steps.push(StepFacts {
+            name: spec_name,
+            continue_on_error,
+            phase: step_phase(state),
+            termination_reason: state
+                .get("terminationReason")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        });
+    }
+    Ok(RunFacts { steps, phase })
+}
+
+fn run_phase(status: &TaskRunStatus) -> RunPhase {
+    let succeeded = status.conditions.iter().find(|c| c.type_ == "Succeeded");
+    match succeeded {
+        Some(c) if c.status == "True" || c.status == "False" => RunPhase::Finished {
+            reason: c.reason.clone(),
+            at: status.completion_time.as_deref().and_then(parse_time),
+        },
+        _ => RunPhase::Running,
+    }
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn time_at(value: &Value, field: &str) -> Option<DateTime<Utc>> {
+    parse_time(value.get(field)?.as_str()?)
+}
+
+fn step_phase(state: &Value) -> StepPhase {
+    if let Some(terminated) = state.get("terminated").filter(|v| v.is_object()) {
+        return StepPhase::Terminated {
+            exit_code: terminated
+                .get("exitCode")
+                .and_then(Value::as_i64)
+                .unwrap_or_default(),
+            reason: terminated
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            started_at: time_at(terminated, "startedAt"),
+            finished_at: time_at(terminated, "finishedAt"),
+        };
+    }
+    if let Some(running) = state.get("running").filter(|v| v.is_object()) {
+        return StepPhase::Running {
+            started_at: time_at(running, "startedAt"),
+        };
+    }
+    StepPhase::Waiting
+}
+
+/// What one step has reached so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StepOutcome {
+    started: Option<Option<DateTime<Utc>>>,
+    terminal: Option<(StepEventKind, Option<DateTime<Utc>>, Option<String>)>,
+    /// Whether the next step may start once this one has ended.
+    lets_next_run: bool,
+}
+
+/// Every step event the run has reached, in emission order: started(i),
+/// then its terminal event, then step i+1. Stops at the first step whose end
+/// is not known yet, because nothing after it can be decided in order.
+pub fn reached_transitions(facts: &RunFacts) -> Vec<Transition> {
+    let mut reached = Vec::new();
+    // Whether the previous step ended in a way that lets this one run, and
+    // when it ended (which is when this one started).
+    let mut predecessor_ok = true;
+    let mut predecessor_end: Option<DateTime<Utc>> = None;
+    for (index, step) in facts.steps.iter().enumerate() {
+        let outcome = step_outcome(index, step, predecessor_ok, predecessor_end, &facts.phase);
+        let transition = |kind, time, reason| Transition {
+            step_index: index,
+            step_name: step.name.clone(),
+            kind,
+            time,
+            reason,
+        };
+        if let Some(time) = outcome.started {
+            reached.push(transition(StepEventKind::Started, time, None));
+        }
+        let Some((kind, time, reason)) = outcome.terminal else {
+            break;
+        };
+        reached.push(transition(kind, time, reason));
+        predecessor_ok = outcome.lets_next_run;
+        predecessor_end = time;
+    }
+    reached
+}
+
+fn step_outcome(
+    index: usize,
+    step: &StepFacts,
+    predecessor_ok: bool,
+    predecessor_end: Option<DateTime<Utc>>,
+    run: &RunPhase,
+) -> StepOutcome {
+    let never_ran = |time, reason: &str| StepOutcome {
+        started: None,
+        terminal: Some((StepEventKind::Skipped, time, Some(reason.to_owned()))),
+        lets_next_run: false,
+    };
+    let run_end = match run {
+        RunPhase::Finished { at, reason } => Some((*at, reason.clone())),
+        RunPhase::Running => None,
+    };
+    let reason_is = |want: &str| step.termination_reason.as_deref() == Some(want);
+
+    match &step.phase {
+        StepPhase::Terminated {
+            exit_code,
+            reason,
+            started_at,
+            finished_at,
+        } => {
+            let killed_by_run_end = reason
+                .as_deref()
+                .is_some_and(|r| RUN_KILL_REASONS.contains(&r))
+                || reason_is(termination_reason::CANCELLED);
+            if reason_is(termination_reason::SKIPPED) {
+                return never_ran(*finished_at, "Skipped");
+            }
+            if !predecessor_ok {
+                return never_ran(*finished_at, "PreviousStepFailed");
+            }
+            // Step 0 ended by the run's end before it ever ran (still
+            // waiting, so Tekton gives it no start time).
+            if killed_by_run_end && started_at.is_none() && index == 0 {
+                return never_ran(*finished_at, reason.as_deref().unwrap_or("NotStarted"));
+            }
+            let started = if index == 0 {
+                *started_at
+            } else {
+                predecessor_end.or(*started_at)
+            };
+            let succeeded = *exit_code == 0 && !killed_by_run_end;
+            let (kind, why) = if succeeded {
+                (StepEventKind::Succeeded, None)
+            } else {
+                let why = step
+                    .termination_reason
+                    .clone()
+                    .or_else(|| reason.clone())
+                    .or_else(|| Some(format!("ExitCode{exit_code}")));
+                (StepEventKind::Failed, why)
+            };
+            let continued = reason_is(termination_reason::CONTINUED)
+                || (step.continue_on_error && !killed_by_run_end && !reason_is(termination_reason::TIMEOUT_EXCEEDED));
+            StepOutcome {
+                started: Some(started),
+                terminal: Some((kind, *finished_at, why)),
+                lets_next_run: succeeded || continued,
+            }
+        }
+        StepPhase::Running { started_at } => {
+            if !predecessor_ok {
+                // The entrypoint will mark it skipped, or the run ends.
+                return match run_end {
+                    Some((at, _)) => never_ran(at, "PreviousStepFailed"),
+                    None => StepOutcome {
+                        started: None,
+                        terminal: None,
+                        lets_next_run: false,
+                    },
+                };
+            }
+            let started = if index == 0 {
+                *started_at
+            } else {
+                predecessor_end.or(*started_at)
+            };
+            StepOutcome {
+                started: Some(started),
+                // The run ended under a running step: it was killed (pod
+                // deleted, cancelled, timed out) without a terminated state.
+                terminal: run_end.map(|(at, reason)| {
+                    (
+                        StepEventKind::Failed,
+                        at,
+                        Some(reason.unwrap_or_else(|| "TaskRunFinished".to_owned())),
+                    )
+                }),
+                lets_next_run: false,
+            }
+        }
+        StepPhase::Waiting => {
+            let started = if index > 0 && predecessor_ok {
+                Some(predecessor_end)
+            } else {
+                None
+            };
+            match run_end {
+                Some((at, reason)) => match started {
+                    Some(start) => StepOutcome {
+                        started: Some(start),
+                        terminal: Some((
+                            StepEventKind::Failed,
+                            at,
+                            Some(reason.unwrap_or_else(|| "TaskRunFinished".to_owned())),
+                        )),
+                        lets_next_run: false,
+                    },
+                    None => never_ran(at, "NotStarted"),
+                },
+                None => StepOutcome {
+                    started,
+                    terminal: None,
+                    lets_next_run: false,
+                },
+            }
+        }
+    }
+}
+
+/// The events owed: those reached and not yet settled in `ledger`, in order.
+///
+/// Two rules keep each step's events well formed whatever the ledger holds:
+/// once a step's terminal event is settled nothing more is owed for it, and
+/// a step whose started event is settled never ends as skipped (it is
+/// reported failed instead).
+pub fn owed_transitions(facts: &RunFacts, ledger: &Ledger) -> Vec<Transition> {
+    let mut owed = Vec::new();
+    for mut transition in reached_transitions(facts) {
+        let record = ledger.step(&transition.step_name);
+        let settled = |kind| record.is_some_and(|r| r.settled(kind));
+        if StepEventKind::ALL
+            .into_iter()
+            .filter(|k| k.is_terminal())
+            .any(settled)
+        {
+            continue;
+        }
+        if transition.kind == StepEventKind::Skipped && settled(StepEventKind::Started) {
+            transition.kind = StepEventKind::Failed;
+        }
+        if !settled(transition.kind) {
+            owed.push(transition);
+        }
+    }
+    owed
+}
+
+/// Whether the run ended and every event it will ever owe is settled.
+pub fn is_complete(facts: &RunFacts, ledger: &Ledger) -> bool {
+    matches!(facts.phase, RunPhase::Finished { .. }) && owed_transitions(facts, ledger).is_empty()
+}
+
+#[cfg(test)]
+#[path = "steps_tests.rs"]
+mod tests;
