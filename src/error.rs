@@ -32,6 +32,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A setting (flag) has a value the program cannot work with.
+    #[error("setting {setting} is not valid: {reason}")]
+    InvalidSetting {
+        /// The setting's flag name.
+        setting: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
     /// The HTTP client could not be built.
     #[error("building the HTTP client failed: {0}")]
     HttpClient(#[source] reqwest::Error),
@@ -92,6 +101,10 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// A command-line argument is not usable.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
     /// Serving HTTP (metrics, probes, the display receiver) failed.
     #[error("serving HTTP on {addr} failed: {source}")]
     Serve {
@@ -118,7 +131,9 @@ impl Error {
             | Error::BuildEvent(_)
             | Error::InvalidSink { .. }
             | Error::RejectEvent { .. }
+            | Error::InvalidSetting { .. }
             | Error::HttpClient(_)
+            | Error::InvalidArgument(_)
             | Error::Serve { .. } => false,
         }
     }
@@ -130,12 +145,14 @@ impl Error {
             Error::MalformedLedger(_) => "malformed_ledger",
             Error::BuildEvent(_) => "build_event",
             Error::InvalidSink { .. } => "invalid_sink",
+            Error::InvalidSetting { .. } => "invalid_setting",
             Error::HttpClient(_) => "http_client",
             Error::SendEvent { .. } => "send_event",
             Error::RejectEvent { .. } => "reject_event",
             Error::PatchLedger { .. } => "patch_ledger",
             Error::ReadLog { .. } => "read_log",
             Error::Kube { .. } => "kube",
+            Error::InvalidArgument(_) => "invalid_argument",
             Error::Serve { .. } => "serve",
         }
     }
@@ -145,9 +162,7 @@ impl Error {
 /// transport errors. 4xx other than these mean the request itself is wrong.
 fn kube_error_is_transient(error: &kube::Error) -> bool {
     match error {
-        kube::Error::Api(status) => {
-            matches!(status.code, 409 | 429) || status.code >= 500
-        }
+        kube::Error::Api(status) => matches!(status.code, 409 | 429) || status.code >= 500,
         _ => true,
     }
 }

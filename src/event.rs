@@ -120,7 +120,9 @@ pub fn build_event(settings: &EventSettings, input: EventInput<'_>) -> Result<Ev
     if let Some(pipeline_task) = &taskrun.pipeline_task {
         builder = builder.extension("pipelinetask", pipeline_task.clone());
     }
-    builder.build().map_err(|e| Error::BuildEvent(e.to_string()))
+    builder
+        .build()
+        .map_err(|e| Error::BuildEvent(e.to_string()))
 }
 
 /// The event's `data`.
@@ -197,7 +199,10 @@ mod tests {
 
     #[test]
     fn terminal_event_carries_spec_state_pod_and_log() {
-        let taskrun = TaskRunBuilder::new("build-42").step("", exited(1)).failed("Failed").build();
+        let taskrun = TaskRunBuilder::new("build-42")
+            .step("", exited(1))
+            .failed("Failed")
+            .build();
         let status = taskrun.status.as_ref().unwrap();
         let facts = run_facts(Some(status)).unwrap();
         let owed = owed_transitions(&facts, &crate::ledger::Ledger::default());
@@ -283,7 +288,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(event.ty(), "tom24d.event.plugin.step.started.v1");
-        assert_eq!(event.source().as_str(), "github.com/tom24d/step-observe-controller");
+        assert_eq!(
+            event.source().as_str(),
+            "github.com/tom24d/step-observe-controller"
+        );
         let Some(cloudevents::Data::Json(data)) = event.data() else {
             panic!("no json data")
         };
@@ -321,5 +329,49 @@ mod tests {
         };
         assert!(truncated);
         assert_eq!(text, "éé");
+    }
+
+    fn schema_for(kind: StepEventKind) -> jsonschema::Validator {
+        let path = format!("{}/schema/{}", env!("CARGO_MANIFEST_DIR"), schema_file(kind));
+        let text = std::fs::read_to_string(&path).unwrap();
+        jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_event_matches_its_published_schema() {
+        use crate::ledger::Ledger;
+        use crate::testing::skipped;
+        let taskrun = TaskRunBuilder::new("tr")
+            .step("a", exited(0))
+            .step("b", exited(1))
+            .step("c", skipped())
+            .failed("Failed")
+            .build();
+        let status = taskrun.status.as_ref().unwrap();
+        let facts = run_facts(Some(status)).unwrap();
+        let tr = taskrun_ref();
+        let logs = [
+            cap_log(b"all good", 1024),
+            StepLog::Unavailable("pod gone".into()),
+        ];
+        for transition in owed_transitions(&facts, &Ledger::default()) {
+            for log in &logs {
+                let log = if transition.kind.is_terminal() { log.clone() } else { StepLog::NotCarried };
+                let data = event_data(EventInput {
+                    taskrun: &tr,
+                    transition: &transition,
+                    step_spec: status.task_spec.as_ref().map(|s| &s.steps[transition.step_index]),
+                    step_state: status.steps.get(transition.step_index),
+                    pod_name: status.pod_name.as_deref(),
+                    log: &log,
+                });
+                let validator = schema_for(transition.kind);
+                let errors: Vec<String> = validator.iter_errors(&data).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{:?} {}: {errors:?}", transition.kind, data);
+            }
+        }
+        // And the schema is not vacuous: a terminal event without its log fails.
+        let bad = json!({"step": null, "stepState": null, "podRef": null});
+        assert!(!schema_for(StepEventKind::Failed).is_valid(&bad));
     }
 }

@@ -120,8 +120,9 @@ impl Ledger {
     /// Serializes to the annotation's JSON, writing full event types under
     /// `type_prefix`.
     pub fn to_annotation(&self, type_prefix: &str) -> String {
-        let to_types =
-            |set: KindSet| -> Vec<String> { set.iter().map(|k| k.event_type(type_prefix)).collect() };
+        let to_types = |set: KindSet| -> Vec<String> {
+            set.iter().map(|k| k.event_type(type_prefix)).collect()
+        };
         let json = LedgerJson {
             statuses: self
                 .steps
@@ -258,7 +259,13 @@ mod tests {
 
     #[test]
     fn malformed_annotations_are_errors_not_panics() {
-        for bad in ["", "{", "[]", r#"{"statuses":"x"}"#, r#"{"statuses":[{"emitted":[]}]}"#] {
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"statuses":"x"}"#,
+            r#"{"statuses":[{"emitted":[]}]}"#,
+        ] {
             assert!(Ledger::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

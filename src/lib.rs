@@ -2,9 +2,21 @@
 //! Tekton TaskRun.
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod cli;
+pub mod controller;
+pub mod delivery;
+pub mod display;
 pub mod error;
 pub mod event;
+pub mod inspect;
+pub mod leader;
 pub mod ledger;
+pub mod logs;
+pub mod metrics;
+pub mod server;
+pub mod sink;
+pub mod sink_config;
 pub mod steps;
 pub mod tekton;
 #[doc(hidden)]

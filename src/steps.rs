@@ -203,13 +203,12 @@ pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
         return Err(NotReady::NoTaskSpec);
     }
     let phase = run_phase(status);
-    let spec_names = spec_steps
-        .iter()
-        .enumerate()
-        .map(|(i, step)| match step.get("name").and_then(Value::as_str) {
+    let spec_names = spec_steps.iter().enumerate().map(|(i, step)| {
+        match step.get("name").and_then(Value::as_str) {
             Some(name) if !name.is_empty() => name.to_owned(),
             _ => format!("unnamed-{i}"),
-        });
+        }
+    });
     let continues = spec_steps
         .iter()
         .map(|step| step.get("onError").and_then(Value::as_str) == Some("continue"));
@@ -237,7 +236,10 @@ pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
     for (index, ((spec_name, continue_on_error), state)) in
         spec_names.zip(continues).zip(&status.steps).enumerate()
     {
-        let name = state.get("name").and_then(Value::as_str).unwrap_or_default();
+        let name = state
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if name != spec_name {
             return Err(NotReady::StepNameMismatch { index });
         }
@@ -395,7 +397,9 @@ fn step_outcome(
                 (StepEventKind::Failed, why)
             };
             let continued = reason_is(termination_reason::CONTINUED)
-                || (step.continue_on_error && !killed_by_run_end && !reason_is(termination_reason::TIMEOUT_EXCEEDED));
+                || (step.continue_on_error
+                    && !killed_by_run_end
+                    && !reason_is(termination_reason::TIMEOUT_EXCEEDED));
             StepOutcome {
                 started: Some(started),
                 terminal: Some((kind, *finished_at, why)),

@@ -34,12 +34,16 @@ fn decision_table() {
     let cases = vec![
         Case {
             name: "pod initialising: nothing yet",
-            taskrun: TaskRunBuilder::new("tr").step("a", waiting()).step("b", waiting()),
+            taskrun: TaskRunBuilder::new("tr")
+                .step("a", waiting())
+                .step("b", waiting()),
             want: vec![],
         },
         Case {
             name: "first step running: started only",
-            taskrun: TaskRunBuilder::new("tr").step("a", running(0)).step("b", running(0)),
+            taskrun: TaskRunBuilder::new("tr")
+                .step("a", running(0))
+                .step("b", running(0)),
             want: vec![ev("a", Started)],
         },
         Case {
@@ -53,7 +57,12 @@ fn decision_table() {
                 .step("a", exited(0))
                 .step("b", exited(0))
                 .succeeded(),
-            want: vec![ev("a", Started), ev("a", Succeeded), ev("b", Started), ev("b", Succeeded)],
+            want: vec![
+                ev("a", Started),
+                ev("a", Succeeded),
+                ev("b", Started),
+                ev("b", Succeeded),
+            ],
         },
         Case {
             name: "second step running once the first succeeded",
@@ -69,7 +78,12 @@ fn decision_table() {
                 .step("a", exited(0))
                 .step("b", exited(1))
                 .failed("Failed"),
-            want: vec![ev("a", Started), ev("a", Succeeded), ev("b", Started), ev("b", Failed)],
+            want: vec![
+                ev("a", Started),
+                ev("a", Succeeded),
+                ev("b", Started),
+                ev("b", Failed),
+            ],
         },
         Case {
             name: "success-fail-skip-skip",
@@ -98,7 +112,9 @@ fn decision_table() {
         },
         Case {
             name: "failed step's successor still running: wait for the skip",
-            taskrun: TaskRunBuilder::new("tr").step("a", exited(1)).step("b", running(0)),
+            taskrun: TaskRunBuilder::new("tr")
+                .step("a", exited(1))
+                .step("b", running(0)),
             want: vec![ev("a", Started), ev("a", Failed)],
         },
         Case {
@@ -107,7 +123,12 @@ fn decision_table() {
                 .step_continue_on_error("a", exited(3).continued())
                 .step("b", exited(0))
                 .succeeded(),
-            want: vec![ev("a", Started), ev("a", Failed), ev("b", Started), ev("b", Succeeded)],
+            want: vec![
+                ev("a", Started),
+                ev("a", Failed),
+                ev("b", Started),
+                ev("b", Succeeded),
+            ],
         },
         Case {
             name: "timeout mid-step: running step failed, later steps skipped",
@@ -178,7 +199,13 @@ fn twenty_five_steps_emit_fifty_events_in_order() {
     let owed = owed_for(builder.succeeded());
     assert_eq!(owed.len(), 50);
     for (i, pair) in owed.chunks(2).enumerate() {
-        assert_eq!(pair, [ev(&format!("s{i}"), Started), ev(&format!("s{i}"), Succeeded)]);
+        assert_eq!(
+            pair,
+            [
+                ev(&format!("s{i}"), Started),
+                ev(&format!("s{i}"), Succeeded)
+            ]
+        );
     }
 }
 
@@ -204,7 +231,10 @@ fn settled_events_are_not_owed_again() {
     let mut ledger = Ledger::default();
     ledger.record("a", Started, Settlement::Delivered);
     ledger.record("a", Succeeded, Settlement::Rejected);
-    assert_eq!(kinds(&owed_transitions(&facts, &ledger)), vec![ev("b", Started)]);
+    assert_eq!(
+        kinds(&owed_transitions(&facts, &ledger)),
+        vec![ev("b", Started)]
+    );
 }
 
 #[test]
@@ -216,7 +246,10 @@ fn a_started_step_never_ends_as_skipped() {
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     let mut ledger = Ledger::default();
     ledger.record("a", Started, Settlement::Delivered);
-    assert_eq!(kinds(&owed_transitions(&facts, &ledger)), vec![ev("a", Failed)]);
+    assert_eq!(
+        kinds(&owed_transitions(&facts, &ledger)),
+        vec![ev("a", Failed)]
+    );
 }
 
 #[test]
@@ -258,19 +291,28 @@ fn renamed_step_waits() {
     let mut taskrun = TaskRunBuilder::new("tr").step("a", running(0)).build();
     let status = taskrun.status.as_mut().unwrap();
     status.steps[0]["name"] = "other".into();
-    assert_eq!(run_facts(Some(status)), Err(NotReady::StepNameMismatch { index: 0 }));
+    assert_eq!(
+        run_facts(Some(status)),
+        Err(NotReady::StepNameMismatch { index: 0 })
+    );
 }
 
 #[test]
 fn unnamed_steps_match_tektons_generated_names() {
-    let taskrun = TaskRunBuilder::new("tr").step("", exited(0)).succeeded().build();
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("", exited(0))
+        .succeeded()
+        .build();
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     assert_eq!(facts.steps[0].name, "unnamed-0");
 }
 
 #[test]
 fn completes_only_when_finished_and_settled() {
-    let taskrun = TaskRunBuilder::new("tr").step("a", exited(0)).succeeded().build();
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .succeeded()
+        .build();
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     let mut ledger = Ledger::default();
     assert!(!is_complete(&facts, &ledger));

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::{ApiResource, GroupVersionKind, NamespaceResourceScope};
+use kube::core::{ApiResource, DynamicResourceScope, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -76,7 +76,7 @@ pub struct TaskRun {
 
 impl kube::Resource for TaskRun {
     type DynamicType = ApiResource;
-    type Scope = NamespaceResourceScope;
+    type Scope = DynamicResourceScope;
 
     fn kind(dt: &ApiResource) -> Cow<'_, str> {
         dt.kind.as_str().into()

@@ -1,0 +1,205 @@
+//! Wiring of `run`: builds the client, the sink watch, leader election, the
+//! HTTP server and the controller from the CLI flags, and runs them until a
+//! signal arrives.
+
+use std::sync::Arc;
+
+use kube::Client;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::cli::{ApiVersionChoice, DisplayArgs, DisplayOutput, RunArgs};
+use crate::controller::{self, Context, ControllerSettings};
+use crate::display::{DisplayFormat, DisplaySettings};
+use crate::error::{Error, Result};
+use crate::event::EventSettings;
+use crate::leader::{self, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::server::{self, Readiness};
+use crate::sink::SinkSettings;
+use crate::sink_config::{self, SinkState};
+use crate::tekton::TektonVersion;
+
+/// Namespace of the leader Lease when neither the flag nor POD_NAMESPACE says.
+const DEFAULT_LEASE_NAMESPACE: &str = "tekton-step-observer";
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        // If the handler cannot be installed, only SIGTERM stops us.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Client config from the environment (in-cluster, or KUBECONFIG).
+pub async fn kube_config() -> Result<kube::Config> {
+    kube::Config::infer().await.map_err(|e| Error::Kube {
+        operation: "load the Kubernetes client configuration",
+        source: kube::Error::InferConfig(e),
+    })
+}
+
+/// The client, and the TaskRun version to read.
+pub async fn client_and_version(
+    config: kube::Config,
+    choice: ApiVersionChoice,
+) -> Result<(Client, TektonVersion)> {
+    let client = Client::try_from(config).map_err(|source| Error::Kube {
+        operation: "build the Kubernetes client",
+        source,
+    })?;
+    let version = match choice {
+        ApiVersionChoice::Auto => controller::detect_version(&client).await?,
+        ApiVersionChoice::V1 => TektonVersion::V1,
+        ApiVersionChoice::V1beta1 => TektonVersion::V1Beta1,
+    };
+    Ok((client, version))
+}
+
+/// Settings of `display` from its flags.
+pub fn display_settings(args: &DisplayArgs) -> DisplaySettings {
+    DisplaySettings {
+        listen: args.listen,
+        format: match args.output {
+            DisplayOutput::Pretty => DisplayFormat::Pretty,
+            DisplayOutput::Json => DisplayFormat::Json,
+        },
+        max_body_bytes: args.max_body_bytes,
+        respond_status: args.respond_status,
+        retry_after_secs: args.retry_after_secs,
+    }
+}
+
+fn readiness_sink(state: &SinkState) -> server::SinkState {
+    match state {
+        SinkState::Configured(..) => server::SinkState::Configured,
+        SinkState::Missing => server::SinkState::NotConfigured,
+        SinkState::Invalid {
+            value,
+            source,
+            reason,
+        } => server::SinkState::Invalid {
+            reason: format!("{value:?} from {source}: {reason}"),
+        },
+    }
+}
+
+/// `tekton-step-observer run`.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let config = kube_config().await?;
+    let (client, version) = client_and_version(config.clone(), args.tekton_api_version).await?;
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let identity = args.identity.clone().unwrap_or_else(leader::identity_from_env);
+
+    let sink_watch = sink_config::watch_sink(
+        client.clone(),
+        args.tekton_namespace.clone(),
+        args.sink.clone(),
+    );
+    let sink = sink_watch.receiver.clone();
+    tokio::spawn(mirror(sink.clone(), {
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        move |state: &SinkState| {
+            metrics.set_sink_configured(state.url().is_some());
+            readiness.set_sink(readiness_sink(state));
+        }
+    }));
+
+    let (leader, leader_handle) = if args.leader_elect {
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| DEFAULT_LEASE_NAMESPACE.to_owned());
+        let mut lease = LeaseSettings::new(namespace, identity.clone());
+        lease.lease_name = args.leader_election_id.clone();
+        leader::spawn_leader_election(config, lease)?
+    } else {
+        leader::leader_election_disabled()
+    };
+    tokio::spawn(mirror(leader.clone(), {
+        let metrics = metrics.clone();
+        move |leading: &bool| metrics.set_leader(*leading)
+    }));
+
+    let settings = ControllerSettings {
+        namespaces: args.namespaces.clone(),
+        label_selector: args.label_selector.clone(),
+        events: EventSettings {
+            type_prefix: args.type_prefix.clone(),
+            source: args.source.clone(),
+            dataschema_base: args.dataschema_base.clone(),
+        },
+        sink: SinkSettings {
+            timeout: args.sink_timeout,
+            content_mode: args.format,
+            ..SinkSettings::default()
+        },
+        log_limit_bytes: args.log_limit_bytes,
+        backfill_window: args.backfill_window,
+        max_concurrent_deliveries: args.max_concurrent_deliveries,
+        retry_base: args.retry_base_delay,
+        retry_cap: args.retry_max_delay,
+        identity,
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        version,
+        settings,
+        sink,
+        leader,
+        metrics.clone(),
+    )?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            // An error means the sender is gone, which also means stop.
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let server = tokio::spawn(server::serve(
+        args.metrics_addr,
+        metrics,
+        readiness.clone(),
+        stopped(),
+    ));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down");
+        stop_tx.send_replace(true);
+    });
+    let result = controller::run(ctx, readiness, stopped()).await;
+    leader_handle.shutdown().await;
+    server.abort();
+    result
+}
+
+/// Calls `apply` with the channel's value now and on every change.
+async fn mirror<T>(mut rx: watch::Receiver<T>, apply: impl Fn(&T)) {
+    loop {
+        apply(&rx.borrow_and_update());
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The delivery worker of one TaskRun: send what it owes, in order, retry
+//! what the sink could not take yet, and record what was settled in the
+//! ledger annotation, only after the sink acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudevents::Event;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::controller::{Context, annotation_ledger, left_alone_by_backfill};
+use crate::error::{Error, Result};
+use crate::event::{EventInput, StepLog, build_event};
+use crate::ledger::{Ledger, Settlement};
+use crate::logs::{LogLocation, read_step_log};
+use crate::metrics::LostReason;
+use crate::sink::{DeliveryOutcome, retry_delay};
+use crate::steps::{StepEventKind, Transition, owed_transitions, run_facts};
+use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef, TaskRunStatus};
+
+/// Field manager of the ledger patch, so `kubectl get -o yaml --show-managed-fields`
+/// shows who wrote the annotation.
+pub const FIELD_MANAGER: &str = "tekton-step-observer";
+
+/// Conflicting writes to one TaskRun (Tekton updates its status often) are
+/// retried this many times, each on a fresh read, before the patch waits for
+/// the next round.
+const MAX_PATCH_ATTEMPTS: usize = 5;
+
+/// What the worker knows of its TaskRun at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Identity.
+    pub taskrun: TaskRunRef,
+    /// For the conditional patch.
+    pub resource_version: Option<String>,
+    /// The status, stripped.
+    pub status: Option<TaskRunStatus>,
+    /// The ledger annotation's raw value.
+    pub annotation: Option<String>,
+    /// The TaskRun is gone.
+    pub deleted: bool,
+    /// When the watch delivered it.
+    pub seen_at: Instant,
+}
+
+/// How a round of sending ended.
+enum RoundEnd {
+    /// Everything owed at the round's start was settled.
+    Settled,
+    /// The sink could not take an event yet; wait this long.
+    RetryAfter(Duration),
+    /// Leadership was lost mid-round.
+    NotLeader,
+}
+
+/// What stops a worker from sending right now.
+enum Gate {
+    Open(url::Url),
+    NewSnapshot,
+    Closed,
+}
+
+/// Delivers everything a TaskRun owes, then returns. The tracker restarts it
+/// when the TaskRun owes more.
+pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    let mut attempt: u32 = 0;
+    let mut first_seen: HashMap<(usize, StepEventKind), Instant> = HashMap::new();
+    let mut pending: Option<((usize, StepEventKind), Event)> = None;
+    let mut reported_malformed = false;
+    let mut patch_owed = false;
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let uid = snapshot.taskrun.uid.clone();
+        let Ok(facts) = run_facts(snapshot.status.as_ref()) else {
+            return;
+        };
+        let (mut ledger, malformed) = annotation_ledger(snapshot.annotation.as_deref());
+        if let Some(problem) = malformed.filter(|_| !reported_malformed) {
+            reported_malformed = true;
+            report_malformed_ledger(&ctx, &snapshot.taskrun, &problem).await;
+        }
+        let has_ledger = snapshot.annotation.is_some() || !ctx.memory_ledger(&uid).is_empty();
+        if left_alone_by_backfill(
+            &facts.phase,
+            has_ledger,
+            chrono::Utc::now(),
+            ctx.settings.backfill_window,
+        ) {
+            return;
+        }
+        ledger.merge(&ctx.memory_ledger(&uid));
+        let owed = owed_transitions(&facts, &ledger);
+        if snapshot.deleted {
+            if !owed.is_empty() && *ctx.leader.borrow() {
+                report_lost(&ctx, &snapshot, owed.len());
+            }
+            return;
+        }
+        if owed.is_empty() && !patch_owed {
+            return;
+        }
+        let now = Instant::now();
+        for transition in &owed {
+            first_seen
+                .entry((transition.step_index, transition.kind))
+                .or_insert(snapshot.seen_at.min(now));
+        }
+
+        let sink = match gate(&ctx, &mut snapshots).await {
+            Gate::Open(sink) => sink,
+            Gate::NewSnapshot => continue,
+            Gate::Closed => return,
+        };
+        let end = match ctx.delivery_slots.acquire().await {
+            Ok(_permit) => {
+                let round = Round {
+                    ctx: &ctx,
+                    snapshot: &snapshot,
+                    sink: &sink,
+                    first_seen: &first_seen,
+                };
+                round.send_all(&owed, &mut pending).await
+            }
+            // Closed only when the process is going down.
+            Err(_) => return,
+        };
+        let settled = ctx.memory_ledger(&uid);
+        if !ledger_covers_memory(&snapshot, &settled) {
+            match patch_ledger(&ctx, &snapshot, &settled).await {
+                Ok(()) => patch_owed = false,
+                Err(error) => {
+                    patch_owed = true;
+                    ctx.metrics.record_reconcile_error(error.metric_label());
+                    warn!(taskrun = %snapshot.taskrun.key(), %error, "could not record the ledger; will retry");
+                }
+            }
+        } else {
+            patch_owed = false;
+        }
+        let wait = match end {
+            RoundEnd::Settled if !patch_owed => {
+                attempt = 0;
+                continue;
+            }
+            RoundEnd::Settled => {
+                attempt = attempt.saturating_add(1);
+                backoff(&ctx, attempt, None)
+            }
+            RoundEnd::RetryAfter(hint) => {
+                attempt = attempt.saturating_add(1);
+                backoff(&ctx, attempt, Some(hint))
+            }
+            RoundEnd::NotLeader => continue,
+        };
+        debug!(taskrun = %snapshot.taskrun.key(), ?wait, attempt, "waiting before the next attempt");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn backoff(ctx: &Context, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let jitter: f64 = rand::rng().random();
+    retry_delay(
+        attempt,
+        ctx.settings.retry_base,
+        ctx.settings.retry_cap,
+        retry_after.filter(|d| !d.is_zero()),
+        jitter,
+    )
+}
+
+/// Whether the annotation in this snapshot already holds all we settled.
+fn ledger_covers_memory(snapshot: &Snapshot, settled: &Ledger) -> bool {
+    let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
+    annotation.covers(settled)
+}
+
+/// Waits until this replica leads and a valid sink is configured. A newer
+/// snapshot interrupts the wait, so a deleted TaskRun is noticed.
+async fn gate(ctx: &Context, snapshots: &mut watch::Receiver<Arc<Snapshot>>) -> Gate {
+    let mut leader = ctx.leader.clone();
+    let mut sink = ctx.sink.clone();
+    loop {
+        let is_leader = *leader.borrow_and_update();
+        let url = sink.borrow_and_update().url().cloned();
+        if let (true, Some(url)) = (is_leader, url) {
+            return Gate::Open(url);
+        }
+        tokio::select! {
+            changed = leader.changed() => if changed.is_err() { return Gate::Closed },
+            changed = sink.changed() => if changed.is_err() { return Gate::Closed },
+            changed = snapshots.changed() => {
+                return if changed.is_err() { Gate::Closed } else { Gate::NewSnapshot };
+            }
+        }
+    }
+}
+
+/// One pass over the owed events of a TaskRun.
+struct Round<'a> {
+    ctx: &'a Context,
+    snapshot: &'a Snapshot,
+    sink: &'a url::Url,
+    first_seen: &'a HashMap<(usize, StepEventKind), Instant>,
+}
+
+impl Round<'_> {
+    async fn send_all(
+        &self,
+        owed: &[Transition],
+        pending: &mut Option<((usize, StepEventKind), Event)>,
+    ) -> RoundEnd {
+        let ctx = self.ctx;
+        let taskrun = &self.snapshot.taskrun;
+        for transition in owed {
+            if !*ctx.leader.borrow() {
+                return RoundEnd::NotLeader;
+            }
+            let key = (transition.step_index, transition.kind);
+            // A retried event is sent exactly as before: same id, same log.
+            let event = match pending.take() {
+                Some((pending_key, event)) if pending_key == key => event,
+                _ => match self.build(transition).await {
+                    Ok(event) => event,
+                    Err(error) => {
+                        error!(taskrun = %taskrun.key(), step = %transition.step_name, %error, "cannot build the event; recording it as rejected");
+                        self.settle(transition, Settlement::Rejected);
+                        continue;
+                    }
+                },
+            };
+            let outcome = ctx.sink_client.send(self.sink, &event).await;
+            let latency = self
+                .first_seen
+                .get(&key)
+                .map(Instant::elapsed)
+                .unwrap_or_default();
+            let kind = metric_kind(transition.kind);
+            match outcome {
+                DeliveryOutcome::Delivered { status } => {
+                    self.settle(transition, Settlement::Delivered);
+                    ctx.metrics.record_delivered(kind, latency);
+                    info!(taskrun = %taskrun.key(), step = %transition.step_name, event = transition.kind.as_str(), status, "event delivered");
+                }
+                DeliveryOutcome::Rejected { status, body } => {
+                    self.settle(transition, Settlement::Rejected);
+                    ctx.metrics.record_rejected(kind, latency);
+                    let note = format!(
+                        "The sink refused the {} event of step {} with HTTP {status}: {body}",
+                        transition.kind.as_str(),
+                        transition.step_name
+                    );
+                    warn!(taskrun = %taskrun.key(), step = %transition.step_name, status, %body, "sink rejected the event for good");
+                    publish_warning(ctx, taskrun, "EventRejected", note).await;
+                }
+                DeliveryOutcome::Unencodable { reason } => {
+                    self.settle(transition, Settlement::Rejected);
+                    ctx.metrics.record_rejected(kind, latency);
+                    warn!(taskrun = %taskrun.key(), step = %transition.step_name, %reason, "event cannot be encoded; recorded as rejected");
+                    publish_warning(ctx, taskrun, "EventRejected", reason).await;
+                }
+                DeliveryOutcome::Retry {
+                    reason,
+                    detail,
+                    retry_after,
+                } => {
+                    ctx.metrics.record_retry(crate::metrics::RetryReason::ALL.into_iter().find(|r| r.as_str() == reason.as_str()).unwrap_or(crate::metrics::RetryReason::Other));
+                    warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "sink did not take the event; will retry");
+                    *pending = Some((key, event));
+                    return RoundEnd::RetryAfter(retry_after.unwrap_or_default());
+                }
+            }
+        }
+        RoundEnd::Settled
+    }
+
+    fn settle(&self, transition: &Transition, how: Settlement) {
+        let mut settled = Ledger::default();
+        settled.record(&transition.step_name, transition.kind, how);
+        self.ctx.remember(&self.snapshot.taskrun.uid, &settled);
+    }
+
+    async fn build(&self, transition: &Transition) -> Result<Event> {
+        let status = self.snapshot.status.as_ref();
+        let index = transition.step_index;
+        let step_state = status.and_then(|s| s.steps.get(index));
+        let step_spec = status
+            .and_then(|s| s.task_spec.as_ref())
+            .and_then(|spec| spec.steps.get(index));
+        let pod_name = status.and_then(|s| s.pod_name.as_deref());
+        let log = match transition.kind {
+            StepEventKind::Started => StepLog::NotCarried,
+            StepEventKind::Skipped => StepLog::Unavailable("the step did not run".to_owned()),
+            StepEventKind::Succeeded | StepEventKind::Failed => {
+                let container = step_state
+                    .and_then(|s| s.get("container"))
+                    .and_then(|c| c.as_str())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("step-{}", transition.step_name));
+                let log = read_step_log(
+                    &self.ctx.client,
+                    LogLocation {
+                        namespace: &self.snapshot.taskrun.namespace,
+                        pod: pod_name,
+                        container: &container,
+                    },
+                    self.ctx.settings.log_limit_bytes,
+                )
+                .await;
+                if let StepLog::Unavailable(why) = &log {
+                    self.ctx.metrics.record_log_read_error();
+                    debug!(taskrun = %self.snapshot.taskrun.key(), step = %transition.step_name, %why, "log not available");
+                }
+                log
+            }
+        };
+        build_event(
+            &self.ctx.settings.events,
+            EventInput {
+                taskrun: &self.snapshot.taskrun,
+                transition,
+                step_spec,
+                step_state,
+                pod_name,
+                log: &log,
+            },
+        )
+    }
+}
+
+fn metric_kind(kind: StepEventKind) -> crate::metrics::EventType {
+    use crate::metrics::EventType;
+    match kind {
+        StepEventKind::Started => EventType::Started,
+        StepEventKind::Succeeded => EventType::Succeeded,
+        StepEventKind::Failed => EventType::Failed,
+        StepEventKind::Skipped => EventType::Skipped,
+    }
+}
+
+/// Writes the union of the annotation and what this process settled, as a
+/// merge patch conditional on the resourceVersion: a stale writer (a deposed
+/// leader) fails with 409 instead of overwriting. On conflict, re-read and
+/// merge again; the ledger only grows, so nothing is ever taken back.
+async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> Result<()> {
+    let taskrun = &snapshot.taskrun;
+    let api = ctx.taskruns(&taskrun.namespace);
+    let mut resource_version = snapshot.resource_version.clone();
+    let (mut current, _) = annotation_ledger(snapshot.annotation.as_deref());
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    let mut last_error = None;
+    for _ in 0..MAX_PATCH_ATTEMPTS {
+        if !*ctx.leader.borrow() {
+            return Ok(());
+        }
+        if current.covers(settled) {
+            return Ok(());
+        }
+        let mut merged = current.clone();
+        merged.merge(settled);
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": resource_version,
+                "annotations": { LEDGER_ANNOTATION: merged.to_annotation(&ctx.settings.events.type_prefix) },
+            }
+        });
+        match api.patch(&taskrun.name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                debug!(taskrun = %taskrun.key(), events = merged.len(), "ledger recorded");
+                return Ok(());
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let fresh = api.get(&taskrun.name).await.map_err(|source| Error::PatchLedger {
+                    object: taskrun.key(),
+                    source,
+                })?;
+                if fresh.metadata.uid.as_deref() != Some(taskrun.uid.as_str()) {
+                    // A new TaskRun with the same name: ours is gone.
+                    return Ok(());
+                }
+                resource_version = fresh.metadata.resource_version.clone();
+                current = annotation_ledger(crate::tekton::ledger_annotation(&fresh.metadata)).0;
+                last_error = Some(status.message);
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(source) => {
+                return Err(Error::PatchLedger {
+                    object: taskrun.key(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(Error::PatchLedger {
+        object: taskrun.key(),
+        source: kube::Error::Service(
+            format!(
+                "still conflicting after {MAX_PATCH_ATTEMPTS} attempts: {}",
+                last_error.unwrap_or_default()
+            )
+            .into(),
+        ),
+    })
+}
+
+/// Counts and logs the events a deleted TaskRun still owed.
+pub fn report_lost(ctx: &Context, snapshot: &Snapshot, owed: usize) {
+    ctx.metrics.record_lost(LostReason::TaskRunDeleted, owed as u64);
+    warn!(
+        taskrun = %snapshot.taskrun.key(),
+        owed,
+        "TaskRun deleted before all its step events were delivered; they are lost"
+    );
+}
+
+async fn report_malformed_ledger(ctx: &Context, taskrun: &TaskRunRef, problem: &Error) {
+    ctx.metrics.record_malformed_ledger();
+    warn!(taskrun = %taskrun.key(), error = %problem, "ledger annotation is malformed; treating it as empty");
+    let note = format!("Annotation {LEDGER_ANNOTATION} is malformed ({problem}); treating it as empty, so events may be sent again.");
+    publish_warning(ctx, taskrun, "LedgerMalformed", note).await;
+}
+
+/// Kubernetes Event notes are capped by the API at 1 KiB.
+const MAX_EVENT_NOTE_BYTES: usize = 1024;
+
+async fn publish_warning(ctx: &Context, taskrun: &TaskRunRef, reason: &str, mut note: String) {
+    if note.len() > MAX_EVENT_NOTE_BYTES {
+        let mut cut = MAX_EVENT_NOTE_BYTES;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    let reference = ObjectReference {
+        api_version: Some(taskrun.version.api_version().to_owned()),
+        kind: Some(crate::tekton::KIND.to_owned()),
+        name: Some(taskrun.name.clone()),
+        namespace: Some(taskrun.namespace.clone()),
+        uid: Some(taskrun.uid.clone()),
+        ..ObjectReference::default()
+    };
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Deliver".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+        warn!(%error, taskrun = %taskrun.key(), "could not record a Kubernetes Event");
+    }
+}
