@@ -23,10 +23,10 @@ fmt-check: tools
 	$(CARGO) fmt --all -- --check
 
 lint: tools
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 unit: tools
-	$(CARGO) test --lib --bins --benches
+	$(CARGO) test --workspace --lib --bins --benches
 
 # The end-to-end suite brings the cluster up itself and always takes it down.
 e2e: tools

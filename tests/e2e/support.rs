@@ -1,0 +1,386 @@
+//! Helpers of the end-to-end suite: the cluster client, namespaces, TaskRuns
+//! whose steps state their simulated outcome, the observer process and a
+//! CloudEvents receiver.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use cloudevents::{AttributesReader, Event};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::Client;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// How long a TaskRun of a few 100 ms steps may take end to end on a busy
+/// 2-core machine: pod creation, scheduling, the simulator, the observer.
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Poll interval of every wait: short enough to be quick, long enough not to
+/// load the API server.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The API client, from KUBECONFIG (set by `hack/cluster exec`).
+pub async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG must point at the local cluster (run via hack/e2e)")
+}
+
+/// Waits until `check` returns Some, or panics with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A namespace of one test, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        // Tekton pods run as the namespace's default ServiceAccount, which
+        // the controller-manager creates a moment later.
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &name);
+        wait_for("the default ServiceAccount", Duration::from_secs(30), || async {
+            sa.get_opt("default").await.ok().flatten().map(|_| ())
+        })
+        .await;
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let name = self.name.clone();
+        // Best effort: the cluster is torn down after the suite anyway.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            });
+        }
+    }
+}
+
+/// The TaskRun API at `version` ("v1" or "v1beta1").
+pub fn taskrun_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tekton.dev", version, "TaskRun"),
+        "taskruns",
+    )
+}
+
+/// One simulated step.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub name: String,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub log: String,
+    pub continue_on_error: bool,
+}
+
+/// A step that succeeds after 100 ms, logging `<name> ok`.
+pub fn ok(name: &str) -> Step {
+    Step {
+        name: name.to_owned(),
+        exit_code: 0,
+        duration_ms: 100,
+        log: format!("{name} ok\n"),
+        continue_on_error: false,
+    }
+}
+
+/// A step that exits `code`.
+pub fn fails(name: &str, code: i32) -> Step {
+    Step {
+        exit_code: code,
+        log: format!("{name} failed with {code}\n"),
+        ..ok(name)
+    }
+}
+
+impl Step {
+    pub fn lasting(mut self, ms: u64) -> Self {
+        self.duration_ms = ms;
+        self
+    }
+    pub fn continue_on_error(mut self) -> Self {
+        self.continue_on_error = true;
+        self
+    }
+}
+
+/// A TaskRun manifest whose steps tell the simulator how they end. Every
+/// step sets `script`, so Tekton never looks an image up in a registry.
+pub fn taskrun_manifest(version: &str, name: &str, steps: &[Step], timeout: Option<&str>) -> Value {
+    let steps: Vec<Value> = steps
+        .iter()
+        .map(|s| {
+            let mut step = json!({
+                "name": s.name,
+                "image": "busybox",
+                "script": format!("#!/bin/sh\nexit {}\n", s.exit_code),
+                "env": [
+                    {"name": "SIMULATED_EXIT_CODE", "value": s.exit_code.to_string()},
+                    {"name": "SIMULATED_DURATION_MS", "value": s.duration_ms.to_string()},
+                    {"name": "SIMULATED_LOG", "value": s.log},
+                ],
+            });
+            if s.continue_on_error {
+                step["onError"] = json!("continue");
+            }
+            step
+        })
+        .collect();
+    let mut manifest = json!({
+        "apiVersion": format!("tekton.dev/{version}"),
+        "kind": "TaskRun",
+        "metadata": {"name": name},
+        "spec": {"taskSpec": {"steps": steps}},
+    });
+    if let Some(timeout) = timeout {
+        manifest["spec"]["timeout"] = json!(timeout);
+    }
+    manifest
+}
+
+/// Creates a TaskRun; returns its uid.
+pub async fn create_taskrun(client: &Client, namespace: &str, manifest: Value) -> String {
+    let version = manifest["apiVersion"]
+        .as_str()
+        .and_then(|v| v.strip_prefix("tekton.dev/"))
+        .unwrap_or("v1")
+        .to_owned();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &taskrun_resource(&version));
+    let object: DynamicObject = serde_json::from_value(manifest).unwrap();
+    let created = api
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create TaskRun");
+    created.metadata.uid.expect("uid")
+}
+
+/// Reads a TaskRun as JSON (v1).
+pub async fn get_taskrun(client: &Client, namespace: &str, name: &str) -> Value {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &taskrun_resource("v1"));
+    serde_json::to_value(api.get(name).await.expect("get TaskRun")).unwrap()
+}
+
+/// Merge-patches a TaskRun's spec (e.g. to cancel it).
+pub async fn patch_taskrun(client: &Client, namespace: &str, name: &str, patch: Value) {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &taskrun_resource("v1"));
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch TaskRun");
+}
+
+/// Waits until the TaskRun's Succeeded condition is True or False; returns the TaskRun.
+pub async fn wait_finished(client: &Client, namespace: &str, name: &str) -> Value {
+    wait_for(&format!("TaskRun {namespace}/{name} to finish"), EVENT_DEADLINE, || async {
+        let tr = get_taskrun(client, namespace, name).await;
+        let done = tr["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Succeeded" && c["status"] != "Unknown");
+        done.then_some(tr)
+    })
+    .await
+}
+
+/// The ledger annotation, parsed.
+pub fn ledger_of(taskrun: &Value) -> Option<Value> {
+    taskrun["metadata"]["annotations"]["tekton.plugin.step-observer/result"]
+        .as_str()
+        .map(|text| serde_json::from_str(text).expect("ledger is JSON"))
+}
+
+/// What the receiver got, in arrival order.
+#[derive(Clone, Default)]
+pub struct Received {
+    events: Arc<Mutex<Vec<Event>>>,
+    /// When non-zero, answer every event with this status (and drop it).
+    pub fail_with: Arc<AtomicU16>,
+}
+
+impl Received {
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Events about one TaskRun, in arrival order.
+    pub fn for_taskrun(&self, uid: &str) -> Vec<Event> {
+        self.events()
+            .into_iter()
+            .filter(|e| {
+                e.extension("taskrunuid")
+                    .is_some_and(|v| v.to_string() == uid)
+            })
+            .collect()
+    }
+
+    /// Waits until `count` events about the TaskRun arrived.
+    pub async fn wait_for_count(&self, uid: &str, count: usize) -> Vec<Event> {
+        wait_for(&format!("{count} events for TaskRun {uid}"), EVENT_DEADLINE, || async {
+            let events = self.for_taskrun(uid);
+            (events.len() >= count).then_some(events)
+        })
+        .await
+    }
+}
+
+async fn receive(State(received): State<Received>, event: Event) -> StatusCode {
+    let fail = received.fail_with.load(Ordering::SeqCst);
+    if fail != 0 {
+        return StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    received.events.lock().unwrap().push(event);
+    StatusCode::ACCEPTED
+}
+
+/// A CloudEvents receiver on loopback, built on the cloudevents-sdk.
+pub async fn start_receiver() -> (SocketAddr, Received) {
+    let received = Received::default();
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(receive))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, received)
+}
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The observer under test, a real process; killed when dropped.
+pub struct Observer {
+    child: Child,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Observer {
+    /// Starts `tekton-step-observer run` with `args` (plus a metrics port)
+    /// and waits until /healthz answers.
+    pub async fn start(test: &str, args: &[&str], kubeconfig: Option<&str>) -> Self {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{test}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tekton-step-observer"));
+        command
+            .arg("run")
+            .args(["--metrics-addr", &metrics.to_string(), "--retry-max-delay", "2s"])
+            .args(args)
+            .env("RUST_LOG", "info,tekton_step_observer=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        if let Some(kubeconfig) = kubeconfig {
+            command.env("KUBECONFIG", kubeconfig);
+        }
+        let child = command.spawn().expect("start the observer");
+        let observer = Observer {
+            child,
+            metrics,
+            log,
+        };
+        let url = format!("http://{metrics}/healthz");
+        wait_for("the observer's /healthz", Duration::from_secs(30), || async {
+            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+        })
+        .await;
+        observer
+    }
+
+    /// The observer's /metrics text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Its log so far, for failure messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(step, kind)` of each event, kind being the type's second-to-last segment.
+pub fn summary(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let kind = e.ty().rsplit('.').nth(1).unwrap_or_default().to_owned();
+            (e.subject().unwrap_or_default().to_owned(), kind)
+        })
+        .collect()
+}
+
+/// The event's JSON data.
+pub fn data(event: &Event) -> Value {
+    match event.data() {
+        Some(cloudevents::Data::Json(v)) => v.clone(),
+        Some(cloudevents::Data::Binary(b)) => serde_json::from_slice(b).expect("json data"),
+        Some(cloudevents::Data::String(s)) => serde_json::from_str(s).expect("json data"),
+        None => Value::Null,
+    }
+}
+
+/// Shorthand for expected summaries.
+pub fn expect(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(s, k)| (s.to_string(), k.to_string())).collect()
+}
