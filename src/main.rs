@@ -1,6 +1,8 @@
 //! The binary's edge: parse the CLI, start logging, run, map errors to an
 //! exit code.
 
+use std::io::IsTerminal;
+
 use anyhow::Context as _;
 use clap::Parser;
 use tekton_step_observer::cli::{Cli, Command, LogFormat};
@@ -32,6 +34,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
