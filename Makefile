@@ -26,7 +26,7 @@ lint: tools
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 unit: tools
-	$(CARGO) test --workspace --lib --bins --benches
+	$(CARGO) test --workspace --lib --bins --tests --benches
 
 # The end-to-end suite brings the cluster up itself and always takes it down.
 e2e: tools

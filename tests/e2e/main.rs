@@ -36,6 +36,7 @@ async fn run_case(
         observer.log_text()
     );
     assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    capture_fixture(&client, &ns.name, "tr", test).await;
     assert_eq!(
         received.for_taskrun(&uid).len(),
         expected.len(),
@@ -51,15 +52,19 @@ async fn wait_for_ledger(
     name: &str,
     count: usize,
 ) -> serde_json::Value {
-    wait_for("the ledger to record every event", EVENT_DEADLINE, || async {
-        let taskrun = get_taskrun(client, namespace, name).await;
-        let recorded: usize = ledger_of(&taskrun)?["statuses"]
-            .as_array()?
-            .iter()
-            .map(|s| s["emitted"].as_array().map_or(0, Vec::len))
-            .sum();
-        (recorded == count).then_some(taskrun)
-    })
+    wait_for(
+        "the ledger to record every event",
+        EVENT_DEADLINE,
+        || async {
+            let taskrun = get_taskrun(client, namespace, name).await;
+            let recorded: usize = ledger_of(&taskrun)?["statuses"]
+                .as_array()?
+                .iter()
+                .map(|s| s["emitted"].as_array().map_or(0, Vec::len))
+                .sum();
+            (recorded == count).then_some(taskrun)
+        },
+    )
     .await
 }
 
@@ -71,14 +76,29 @@ fn assert_events_well_formed(events: &[cloudevents::Event], uid: &str, ns: &str,
     for event in events {
         let step = event.subject().expect("subject is the step");
         assert_eq!(event.id(), format!("{uid}-{step}-{}", event.ty()));
-        assert!(ids.insert(event.id().to_owned()), "duplicate id {}", event.id());
+        assert!(
+            ids.insert(event.id().to_owned()),
+            "duplicate id {}",
+            event.id()
+        );
         assert_eq!(
             event.source().as_str(),
             format!("/apis/tekton.dev/v1/namespaces/{ns}/taskruns/{name}")
         );
-        assert_eq!(event.extension("taskrun").map(|v| v.to_string()), Some(name.into()));
-        assert_eq!(event.extension("namespace").map(|v| v.to_string()), Some(ns.into()));
-        let sequence: u64 = event.extension("sequence").unwrap().to_string().parse().unwrap();
+        assert_eq!(
+            event.extension("taskrun").map(|v| v.to_string()),
+            Some(name.into())
+        );
+        assert_eq!(
+            event.extension("namespace").map(|v| v.to_string()),
+            Some(ns.into())
+        );
+        let sequence: u64 = event
+            .extension("sequence")
+            .unwrap()
+            .to_string()
+            .parse()
+            .unwrap();
         assert!(sequence > last_sequence, "sequence increases");
         last_sequence = sequence;
         assert!(event.time().is_some(), "time of the transition");
@@ -91,8 +111,15 @@ fn assert_events_well_formed(events: &[cloudevents::Event], uid: &str, ns: &str,
         let schema: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
-        let errors: Vec<String> = validator.iter_errors(&data).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{} data breaks its schema: {errors:?}", event.ty());
+        let errors: Vec<String> = validator
+            .iter_errors(&data)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} data breaks its schema: {errors:?}",
+            event.ty()
+        );
     }
 }
 
@@ -118,12 +145,14 @@ async fn success_emits_started_then_succeeded_with_its_log() {
     );
     let metrics = observer.metrics_text().await;
     for kind in ["started", "succeeded"] {
-        let line = format!(
-            "tekton_step_observer_events_total{{type=\"{kind}\",outcome=\"delivered\"}} 1"
-        );
+        let line =
+            format!("tekton_step_observer_events_total{{type=\"{kind}\",outcome=\"delivered\"}} 1");
         assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
     }
-    assert!(metrics.contains("tekton_step_observer_sink_configured 1"), "{metrics}");
+    assert!(
+        metrics.contains("tekton_step_observer_sink_configured 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -131,7 +160,12 @@ async fn success_success_in_step_order() {
     run_case(
         "success-success",
         &[ok("one"), ok("two")],
-        &[("one", "started"), ("one", "succeeded"), ("two", "started"), ("two", "succeeded")],
+        &[
+            ("one", "started"),
+            ("one", "succeeded"),
+            ("two", "started"),
+            ("two", "succeeded"),
+        ],
     )
     .await;
 }
@@ -141,7 +175,12 @@ async fn success_fail_reports_the_exit_code_and_log() {
     let (events, _, _) = run_case(
         "success-fail",
         &[ok("one"), fails("two", 3)],
-        &[("one", "started"), ("one", "succeeded"), ("two", "started"), ("two", "failed")],
+        &[
+            ("one", "started"),
+            ("one", "succeeded"),
+            ("two", "started"),
+            ("two", "failed"),
+        ],
     )
     .await;
     let failed = data(&events[3]);
@@ -164,12 +203,17 @@ async fn success_fail_skip_skip() {
         ],
     )
     .await;
-    assert_eq!(data(&events[4])["stepState"]["terminationReason"], "Skipped");
+    assert_eq!(
+        data(&events[4])["stepState"]["terminationReason"],
+        "Skipped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_five_steps_arrive_in_order() {
-    let steps: Vec<Step> = (0..25).map(|i| ok(&format!("s{i:02}")).lasting(20)).collect();
+    let steps: Vec<Step> = (0..25)
+        .map(|i| ok(&format!("s{i:02}")).lasting(20))
+        .collect();
     let names: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
     let expected: Vec<(&str, &str)> = names
         .iter()
@@ -183,7 +227,12 @@ async fn on_error_continue_fails_the_step_and_runs_the_next() {
     let (events, _, _) = run_case(
         "continue",
         &[fails("lint", 2).continue_on_error(), ok("test")],
-        &[("lint", "started"), ("lint", "failed"), ("test", "started"), ("test", "succeeded")],
+        &[
+            ("lint", "started"),
+            ("lint", "failed"),
+            ("test", "started"),
+            ("test", "succeeded"),
+        ],
     )
     .await;
     let lint = data(&events[1]);
@@ -197,9 +246,15 @@ async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
     let ns = TestNamespace::create(&client, "timeout").await;
     let (addr, received) = start_receiver().await;
     let sink = format!("http://{addr}/");
-    let observer = Observer::start("timeout", &["--namespace", &ns.name, "--sink", &sink], None).await;
+    let observer =
+        Observer::start("timeout", &["--namespace", &ns.name, "--sink", &sink], None).await;
     let steps = [ok("quick"), ok("slow").lasting(120_000), ok("never")];
-    let uid = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "tr", &steps, Some("5s"))).await;
+    let uid = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "tr", &steps, Some("5s")),
+    )
+    .await;
     let expected = [
         ("quick", "started"),
         ("quick", "succeeded"),
@@ -208,10 +263,19 @@ async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
         ("never", "skipped"),
     ];
     let events = received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(summary(&events), expect(&expected), "{}", observer.log_text());
+    assert_eq!(
+        summary(&events),
+        expect(&expected),
+        "{}",
+        observer.log_text()
+    );
     let taskrun = wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
-    assert_eq!(taskrun["status"]["conditions"][0]["reason"], "TaskRunTimeout");
+    assert_eq!(
+        taskrun["status"]["conditions"][0]["reason"],
+        "TaskRunTimeout"
+    );
     assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    capture_fixture(&client, &ns.name, "tr", "timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -220,12 +284,24 @@ async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
     let ns = TestNamespace::create(&client, "cancel").await;
     let (addr, received) = start_receiver().await;
     let sink = format!("http://{addr}/");
-    let observer = Observer::start("cancel", &["--namespace", &ns.name, "--sink", &sink], None).await;
+    let observer =
+        Observer::start("cancel", &["--namespace", &ns.name, "--sink", &sink], None).await;
     let steps = [ok("first"), ok("long").lasting(120_000), ok("after")];
-    let uid = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "tr", &steps, None)).await;
+    let uid = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "tr", &steps, None),
+    )
+    .await;
     // Cancel once the long step is known to run.
     received.wait_for_count(&uid, 3).await;
-    patch_taskrun(&client, &ns.name, "tr", json!({"spec": {"status": "TaskRunCancelled"}})).await;
+    patch_taskrun(
+        &client,
+        &ns.name,
+        "tr",
+        json!({"spec": {"status": "TaskRunCancelled"}}),
+    )
+    .await;
     let expected = [
         ("first", "started"),
         ("first", "succeeded"),
@@ -234,9 +310,19 @@ async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
         ("after", "skipped"),
     ];
     let events = received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(summary(&events), expect(&expected), "{}", observer.log_text());
+    assert_eq!(
+        summary(&events),
+        expect(&expected),
+        "{}",
+        observer.log_text()
+    );
     let taskrun = wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
-    assert_eq!(taskrun["status"]["conditions"][0]["reason"], "TaskRunCancelled");
+    assert_eq!(
+        taskrun["status"]["conditions"][0]["reason"],
+        "TaskRunCancelled"
+    );
+    assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    capture_fixture(&client, &ns.name, "tr", "cancel").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -247,7 +333,14 @@ async fn v1beta1_taskruns_are_read_through_v1beta1() {
     let sink = format!("http://{addr}/");
     let observer = Observer::start(
         "v1beta1",
-        &["--namespace", &ns.name, "--sink", &sink, "--tekton-api-version", "v1beta1"],
+        &[
+            "--namespace",
+            &ns.name,
+            "--sink",
+            &sink,
+            "--tekton-api-version",
+            "v1beta1",
+        ],
         None,
     )
     .await;
@@ -257,14 +350,28 @@ async fn v1beta1_taskruns_are_read_through_v1beta1() {
         taskrun_manifest("v1beta1", "tr", &[ok("a"), fails("b", 1)], None),
     )
     .await;
-    let expected = [("a", "started"), ("a", "succeeded"), ("b", "started"), ("b", "failed")];
+    let expected = [
+        ("a", "started"),
+        ("a", "succeeded"),
+        ("b", "started"),
+        ("b", "failed"),
+    ];
     let events = received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(summary(&events), expect(&expected), "{}", observer.log_text());
+    assert_eq!(
+        summary(&events),
+        expect(&expected),
+        "{}",
+        observer.log_text()
+    );
     assert_eq!(
         events[0].source().as_str(),
-        format!("/apis/tekton.dev/v1beta1/namespaces/{}/taskruns/tr", ns.name)
+        format!(
+            "/apis/tekton.dev/v1beta1/namespaces/{}/taskruns/tr",
+            ns.name
+        )
     );
     wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
+    capture_fixture(&client, &ns.name, "tr", "v1beta1").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,12 +381,24 @@ async fn unwatched_namespace_gets_no_events() {
     let ignored = TestNamespace::create(&client, "ignored").await;
     let (addr, received) = start_receiver().await;
     let sink = format!("http://{addr}/");
-    let _observer =
-        Observer::start("unwatched", &["--namespace", &watched.name, "--sink", &sink], None).await;
-    let ignored_uid =
-        create_taskrun(&client, &ignored.name, taskrun_manifest("v1", "tr", &[ok("a")], None)).await;
-    let watched_uid =
-        create_taskrun(&client, &watched.name, taskrun_manifest("v1", "tr", &[ok("a")], None)).await;
+    let _observer = Observer::start(
+        "unwatched",
+        &["--namespace", &watched.name, "--sink", &sink],
+        None,
+    )
+    .await;
+    let ignored_uid = create_taskrun(
+        &client,
+        &ignored.name,
+        taskrun_manifest("v1", "tr", &[ok("a")], None),
+    )
+    .await;
+    let watched_uid = create_taskrun(
+        &client,
+        &watched.name,
+        taskrun_manifest("v1", "tr", &[ok("a")], None),
+    )
+    .await;
     // Both finish; only the watched one is reported and annotated.
     received.wait_for_count(&watched_uid, 2).await;
     let ignored_tr = wait_finished(&client, &ignored.name, "tr").await;
@@ -305,7 +424,11 @@ fn kubectl(args: &[&str]) -> String {
 /// Whether the observer's ServiceAccount may do something.
 fn observer_can(args: &[&str]) -> bool {
     let out = std::process::Command::new("kubectl")
-        .args(["auth", "can-i", "--as=system:serviceaccount:tekton-step-observer:tekton-step-observer"])
+        .args([
+            "auth",
+            "can-i",
+            "--as=system:serviceaccount:tekton-step-observer:tekton-step-observer",
+        ])
         .args(args)
         .output()
         .expect("run kubectl auth can-i");
@@ -314,7 +437,17 @@ fn observer_can(args: &[&str]) -> bool {
 
 fn set_config_events_sink(sink: &str) {
     let patch = json!({"data": {"sink": sink}}).to_string();
-    kubectl(&["-n", "tekton-pipelines", "patch", "configmap", "config-events", "--type", "merge", "-p", &patch]);
+    kubectl(&[
+        "-n",
+        "tekton-pipelines",
+        "patch",
+        "configmap",
+        "config-events",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ]);
 }
 
 /// The install manifests, applied for real; the observer then runs with a
@@ -327,7 +460,13 @@ async fn installed_rbac_suffices_and_sink_follows_config_events() {
     kubectl(&["apply", "-k", &manifests]);
     // The Deployment's pods cannot run on the simulated node; only the RBAC
     // and the namespace matter here.
-    kubectl(&["-n", "tekton-step-observer", "scale", "deployment/tekton-step-observer", "--replicas=0"]);
+    kubectl(&[
+        "-n",
+        "tekton-step-observer",
+        "scale",
+        "deployment/tekton-step-observer",
+        "--replicas=0",
+    ]);
 
     // Least privilege: what it needs, and nothing broader.
     for allowed in [
@@ -335,15 +474,30 @@ async fn installed_rbac_suffices_and_sink_follows_config_events() {
         vec!["patch", "taskruns.tekton.dev", "-n", "default"],
         vec!["get", "pods/log", "-n", "default"],
         vec!["create", "events.events.k8s.io", "-n", "default"],
-        vec!["watch", "configmaps/config-events", "-n", "tekton-pipelines"],
-        vec!["patch", "leases/tekton-step-observer", "-n", "tekton-step-observer"],
+        vec![
+            "watch",
+            "configmaps/config-events",
+            "-n",
+            "tekton-pipelines",
+        ],
+        vec![
+            "patch",
+            "leases/tekton-step-observer",
+            "-n",
+            "tekton-step-observer",
+        ],
     ] {
         assert!(observer_can(&allowed), "RBAC should allow {allowed:?}");
     }
     for denied in [
         vec!["list", "secrets", "--all-namespaces"],
         vec!["get", "configmaps", "-n", "default"],
-        vec!["get", "configmaps/config-leader-election", "-n", "tekton-pipelines"],
+        vec![
+            "get",
+            "configmaps/config-leader-election",
+            "-n",
+            "tekton-pipelines",
+        ],
         vec!["delete", "taskruns.tekton.dev", "-n", "default"],
         vec!["update", "taskruns.tekton.dev/status", "-n", "default"],
         vec!["create", "pods", "-n", "default"],
@@ -353,9 +507,18 @@ async fn installed_rbac_suffices_and_sink_follows_config_events() {
     }
 
     // A kubeconfig that authenticates as the ServiceAccount.
-    let token = kubectl(&["-n", "tekton-step-observer", "create", "token", "tekton-step-observer", "--duration=1h"]);
-    let mut kubeconfig: serde_json::Value =
-        serde_json::from_str(&kubectl(&["config", "view", "--raw", "--minify", "-o", "json"])).unwrap();
+    let token = kubectl(&[
+        "-n",
+        "tekton-step-observer",
+        "create",
+        "token",
+        "tekton-step-observer",
+        "--duration=1h",
+    ]);
+    let mut kubeconfig: serde_json::Value = serde_json::from_str(&kubectl(&[
+        "config", "view", "--raw", "--minify", "-o", "json",
+    ]))
+    .unwrap();
     kubeconfig["users"][0]["user"] = json!({"token": token.trim()});
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("observer-sa.kubeconfig");
     std::fs::write(&path, kubeconfig.to_string()).unwrap();
@@ -367,33 +530,56 @@ async fn installed_rbac_suffices_and_sink_follows_config_events() {
     let observer = Observer::start(
         "rbac",
         &[
-            "--namespace", &ns.name,
+            "--namespace",
+            &ns.name,
             "--leader-elect",
-            "--leader-election-namespace", "tekton-step-observer",
-            "--identity", "e2e-rbac",
+            "--leader-election-namespace",
+            "tekton-step-observer",
+            "--identity",
+            "e2e-rbac",
         ],
         path.to_str(),
     )
     .await;
 
-    let one = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "one", &[ok("a")], None)).await;
+    let one = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "one", &[ok("a")], None),
+    )
+    .await;
     first.wait_for_count(&one, 2).await;
     wait_for_ledger(&client, &ns.name, "one", 2).await;
 
     // The sink moves; the next TaskRun's events follow it without a restart.
     set_config_events_sink(&format!("http://{second_addr}/"));
     let url = format!("http://{}/metrics", observer.metrics);
-    wait_for("the observer to see the new sink", EVENT_DEADLINE, || async {
-        // Readiness stays up across the change; the new URL shows in the log.
-        let ready = reqwest::get(&url).await.ok()?.status().is_success();
-        (ready && observer.log_text().contains(&second_addr.to_string())).then_some(())
-    })
+    wait_for(
+        "the observer to see the new sink",
+        EVENT_DEADLINE,
+        || async {
+            // Readiness stays up across the change; the new URL shows in the log.
+            let ready = reqwest::get(&url).await.ok()?.status().is_success();
+            (ready && observer.log_text().contains(&second_addr.to_string())).then_some(())
+        },
+    )
     .await;
-    let two = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "two", &[ok("a")], None)).await;
+    let two = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "two", &[ok("a")], None),
+    )
+    .await;
     let events = second.wait_for_count(&two, 2).await;
-    assert_eq!(summary(&events), expect(&[("a", "started"), ("a", "succeeded")]));
+    assert_eq!(
+        summary(&events),
+        expect(&[("a", "started"), ("a", "succeeded")])
+    );
     wait_for_ledger(&client, &ns.name, "two", 2).await;
-    assert!(first.for_taskrun(&two).is_empty(), "old sink got nothing after the change");
+    assert!(
+        first.for_taskrun(&two).is_empty(),
+        "old sink got nothing after the change"
+    );
     assert_eq!(second.for_taskrun(&one).len(), 0);
     set_config_events_sink("");
     assert!(

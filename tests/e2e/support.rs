@@ -5,17 +5,17 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use cloudevents::{AttributesReader, Event};
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -63,14 +63,18 @@ impl TestNamespace {
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());
         let api: Api<Namespace> = Api::all(client.clone());
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-        api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
         // Tekton pods run as the namespace's default ServiceAccount, which
         // the controller-manager creates a moment later.
         let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(client.clone(), &name);
-        wait_for("the default ServiceAccount", Duration::from_secs(30), || async {
-            sa.get_opt("default").await.ok().flatten().map(|_| ())
-        })
+        wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(30),
+            || async { sa.get_opt("default").await.ok().flatten().map(|_| ()) },
+        )
         .await;
         TestNamespace {
             name,
@@ -210,15 +214,19 @@ pub async fn patch_taskrun(client: &Client, namespace: &str, name: &str, patch: 
 
 /// Waits until the TaskRun's Succeeded condition is True or False; returns the TaskRun.
 pub async fn wait_finished(client: &Client, namespace: &str, name: &str) -> Value {
-    wait_for(&format!("TaskRun {namespace}/{name} to finish"), EVENT_DEADLINE, || async {
-        let tr = get_taskrun(client, namespace, name).await;
-        let done = tr["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Succeeded" && c["status"] != "Unknown");
-        done.then_some(tr)
-    })
+    wait_for(
+        &format!("TaskRun {namespace}/{name} to finish"),
+        EVENT_DEADLINE,
+        || async {
+            let tr = get_taskrun(client, namespace, name).await;
+            let done = tr["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Succeeded" && c["status"] != "Unknown");
+            done.then_some(tr)
+        },
+    )
     .await
 }
 
@@ -255,10 +263,14 @@ impl Received {
 
     /// Waits until `count` events about the TaskRun arrived.
     pub async fn wait_for_count(&self, uid: &str, count: usize) -> Vec<Event> {
-        wait_for(&format!("{count} events for TaskRun {uid}"), EVENT_DEADLINE, || async {
-            let events = self.for_taskrun(uid);
-            (events.len() >= count).then_some(events)
-        })
+        wait_for(
+            &format!("{count} events for TaskRun {uid}"),
+            EVENT_DEADLINE,
+            || async {
+                let events = self.for_taskrun(uid);
+                (events.len() >= count).then_some(events)
+            },
+        )
         .await
     }
 }
@@ -313,7 +325,12 @@ impl Observer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tekton-step-observer"));
         command
             .arg("run")
-            .args(["--metrics-addr", &metrics.to_string(), "--retry-max-delay", "2s"])
+            .args([
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--retry-max-delay",
+                "2s",
+            ])
             .args(args)
             .env("RUST_LOG", "info,tekton_step_observer=debug")
             .stdin(Stdio::null())
@@ -329,9 +346,17 @@ impl Observer {
             log,
         };
         let url = format!("http://{metrics}/healthz");
-        wait_for("the observer's /healthz", Duration::from_secs(30), || async {
-            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-        })
+        wait_for(
+            "the observer's /healthz",
+            Duration::from_secs(30),
+            || async {
+                reqwest::get(&url)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            },
+        )
         .await;
         observer
     }
@@ -382,5 +407,26 @@ pub fn data(event: &Event) -> Value {
 
 /// Shorthand for expected summaries.
 pub fn expect(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(s, k)| (s.to_string(), k.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(s, k)| (s.to_string(), k.to_string()))
+        .collect()
+}
+
+/// With `E2E_CAPTURE_FIXTURES=DIR`, saves a finished TaskRun as a fixture for
+/// the unit tests (`tests/fixtures/`), without managedFields.
+pub async fn capture_fixture(client: &Client, namespace: &str, name: &str, fixture: &str) {
+    let Ok(dir) = std::env::var("E2E_CAPTURE_FIXTURES") else {
+        return;
+    };
+    let mut taskrun = wait_finished(client, namespace, name).await;
+    if let Some(meta) = taskrun["metadata"].as_object_mut() {
+        meta.remove("managedFields");
+    }
+    let path = PathBuf::from(dir).join(format!("{fixture}.json"));
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&taskrun).unwrap() + "\n",
+    )
+    .unwrap();
 }
