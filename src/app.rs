@@ -107,7 +107,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (client, version) = client_and_version(config.clone(), args.tekton_api_version).await?;
     let metrics = Metrics::new();
     let readiness = Readiness::new();
-    let identity = args.identity.clone().unwrap_or_else(leader::identity_from_env);
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(leader::identity_from_env);
 
     let sink_watch = sink_config::watch_sink(
         client.clone(),
@@ -127,7 +130,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let namespace = args
             .leader_election_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+            })
             .unwrap_or_else(|| DEFAULT_LEASE_NAMESPACE.to_owned());
         let mut lease = LeaseSettings::new(namespace, identity.clone());
         lease.lease_name = args.leader_election_id.clone();

@@ -146,7 +146,11 @@ pub struct RunArgs {
     pub leader_election_namespace: Option<String>,
 
     /// Name of the leader-election Lease.
-    #[arg(long, env = "TSO_LEADER_ELECTION_ID", default_value = "tekton-step-observer")]
+    #[arg(
+        long,
+        env = "TSO_LEADER_ELECTION_ID",
+        default_value = "tekton-step-observer"
+    )]
     pub leader_election_id: String,
 
     /// This replica's identity in the Lease (default: POD_NAME, else the host name).

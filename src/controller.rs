@@ -168,7 +168,12 @@ impl Context {
 pub async fn detect_version(client: &Client) -> Result<TektonVersion> {
     for version in [TektonVersion::V1, TektonVersion::V1Beta1] {
         match client.list_api_group_resources(version.api_version()).await {
-            Ok(list) if list.resources.iter().any(|r| r.name == crate::tekton::PLURAL) => {
+            Ok(list)
+                if list
+                    .resources
+                    .iter()
+                    .any(|r| r.name == crate::tekton::PLURAL) =>
+            {
                 return Ok(version);
             }
             Ok(_) => {}
@@ -255,7 +260,9 @@ impl Tracker {
             Ok(reference) => reference,
             Err(error) => {
                 warn!(%error, "ignoring a TaskRun without identity");
-                self.ctx.metrics.record_reconcile_error(error.metric_label());
+                self.ctx
+                    .metrics
+                    .record_reconcile_error(error.metric_label());
                 return None;
             }
         };

@@ -242,7 +242,7 @@ impl Round<'_> {
                 .get(&key)
                 .map(Instant::elapsed)
                 .unwrap_or_default();
-            let kind = metric_kind(transition.kind);
+            let kind = transition.kind;
             match outcome {
                 DeliveryOutcome::Delivered { status } => {
                     self.settle(transition, Settlement::Delivered);
@@ -271,7 +271,12 @@ impl Round<'_> {
                     detail,
                     retry_after,
                 } => {
-                    ctx.metrics.record_retry(crate::metrics::RetryReason::ALL.into_iter().find(|r| r.as_str() == reason.as_str()).unwrap_or(crate::metrics::RetryReason::Other));
+                    ctx.metrics.record_retry(
+                        crate::metrics::RetryReason::ALL
+                            .into_iter()
+                            .find(|r| r.as_str() == reason.as_str())
+                            .unwrap_or(crate::metrics::RetryReason::Other),
+                    );
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "sink did not take the event; will retry");
                     *pending = Some((key, event));
                     return RoundEnd::RetryAfter(retry_after.unwrap_or_default());
@@ -335,16 +340,6 @@ impl Round<'_> {
     }
 }
 
-fn metric_kind(kind: StepEventKind) -> crate::metrics::EventType {
-    use crate::metrics::EventType;
-    match kind {
-        StepEventKind::Started => EventType::Started,
-        StepEventKind::Succeeded => EventType::Succeeded,
-        StepEventKind::Failed => EventType::Failed,
-        StepEventKind::Skipped => EventType::Skipped,
-    }
-}
-
 /// Writes the union of the annotation and what this process settled, as a
 /// merge patch conditional on the resourceVersion: a stale writer (a deposed
 /// leader) fails with 409 instead of overwriting. On conflict, re-read and
@@ -374,16 +369,22 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
                 "annotations": { LEDGER_ANNOTATION: merged.to_annotation(&ctx.settings.events.type_prefix) },
             }
         });
-        match api.patch(&taskrun.name, &params, &Patch::Merge(&patch)).await {
+        match api
+            .patch(&taskrun.name, &params, &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => {
                 debug!(taskrun = %taskrun.key(), events = merged.len(), "ledger recorded");
                 return Ok(());
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                let fresh = api.get(&taskrun.name).await.map_err(|source| Error::PatchLedger {
-                    object: taskrun.key(),
-                    source,
-                })?;
+                let fresh = api
+                    .get(&taskrun.name)
+                    .await
+                    .map_err(|source| Error::PatchLedger {
+                        object: taskrun.key(),
+                        source,
+                    })?;
                 if fresh.metadata.uid.as_deref() != Some(taskrun.uid.as_str()) {
                     // A new TaskRun with the same name: ours is gone.
                     return Ok(());
@@ -415,7 +416,8 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
 
 /// Counts and logs the events a deleted TaskRun still owed.
 pub fn report_lost(ctx: &Context, snapshot: &Snapshot, owed: usize) {
-    ctx.metrics.record_lost(LostReason::TaskRunDeleted, owed as u64);
+    ctx.metrics
+        .record_lost(LostReason::TaskRunDeleted, owed as u64);
     warn!(
         taskrun = %snapshot.taskrun.key(),
         owed,
@@ -426,7 +428,9 @@ pub fn report_lost(ctx: &Context, snapshot: &Snapshot, owed: usize) {
 async fn report_malformed_ledger(ctx: &Context, taskrun: &TaskRunRef, problem: &Error) {
     ctx.metrics.record_malformed_ledger();
     warn!(taskrun = %taskrun.key(), error = %problem, "ledger annotation is malformed; treating it as empty");
-    let note = format!("Annotation {LEDGER_ANNOTATION} is malformed ({problem}); treating it as empty, so events may be sent again.");
+    let note = format!(
+        "Annotation {LEDGER_ANNOTATION} is malformed ({problem}); treating it as empty, so events may be sent again."
+    );
     publish_warning(ctx, taskrun, "LedgerMalformed", note).await;
 }
 

@@ -332,7 +332,11 @@ mod tests {
     }
 
     fn schema_for(kind: StepEventKind) -> jsonschema::Validator {
-        let path = format!("{}/schema/{}", env!("CARGO_MANIFEST_DIR"), schema_file(kind));
+        let path = format!(
+            "{}/schema/{}",
+            env!("CARGO_MANIFEST_DIR"),
+            schema_file(kind)
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
     }
@@ -356,18 +360,33 @@ mod tests {
         ];
         for transition in owed_transitions(&facts, &Ledger::default()) {
             for log in &logs {
-                let log = if transition.kind.is_terminal() { log.clone() } else { StepLog::NotCarried };
+                let log = if transition.kind.is_terminal() {
+                    log.clone()
+                } else {
+                    StepLog::NotCarried
+                };
                 let data = event_data(EventInput {
                     taskrun: &tr,
                     transition: &transition,
-                    step_spec: status.task_spec.as_ref().map(|s| &s.steps[transition.step_index]),
+                    step_spec: status
+                        .task_spec
+                        .as_ref()
+                        .map(|s| &s.steps[transition.step_index]),
                     step_state: status.steps.get(transition.step_index),
                     pod_name: status.pod_name.as_deref(),
                     log: &log,
                 });
                 let validator = schema_for(transition.kind);
-                let errors: Vec<String> = validator.iter_errors(&data).map(|e| e.to_string()).collect();
-                assert!(errors.is_empty(), "{:?} {}: {errors:?}", transition.kind, data);
+                let errors: Vec<String> = validator
+                    .iter_errors(&data)
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{:?} {}: {errors:?}",
+                    transition.kind,
+                    data
+                );
             }
         }
         // And the schema is not vacuous: a terminal event without its log fails.

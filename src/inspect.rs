@@ -18,7 +18,8 @@ pub async fn run(args: InspectArgs) -> Result<()> {
             args.taskrun
         )));
     };
-    let (client, version) = client_and_version(kube_config().await?, args.tekton_api_version).await?;
+    let (client, version) =
+        client_and_version(kube_config().await?, args.tekton_api_version).await?;
     let api: kube::Api<TaskRun> =
         kube::Api::namespaced_with(client, namespace, &version.api_resource());
     let taskrun = api.get(name).await.map_err(|source| Error::Kube {
@@ -77,9 +78,14 @@ pub fn report(taskrun: &TaskRun, type_prefix: &str, as_json: bool) -> String {
     }
     out.push_str(&format!("  ledger: {}\n", annotation.unwrap_or("(none)")));
     if let Some(error) = malformed {
-        out.push_str(&format!("  ledger is malformed and counts as empty: {error}\n"));
+        out.push_str(&format!(
+            "  ledger is malformed and counts as empty: {error}\n"
+        ));
     }
-    out.push_str(&format!("  {:<4} {:<24} {:<10} {:<10} {}\n", "SEQ", "STEP", "EVENT", "STATE", "TIME"));
+    out.push_str(&format!(
+        "  {:<4} {:<24} {:<10} {:<10} {}\n",
+        "SEQ", "STEP", "EVENT", "STATE", "TIME"
+    ));
     for t in &needed {
         out.push_str(&format!(
             "  {:<4} {:<24} {:<10} {:<10} {}\n",
@@ -111,12 +117,22 @@ mod tests {
             )
             .build();
         let text = report(&taskrun, crate::event::DEFAULT_TYPE_PREFIX, false);
-        assert!(text.contains("1    a                        started    delivered"), "{text}");
-        assert!(text.contains("2    a                        failed     owed"), "{text}");
-        assert!(text.contains("4    b                        skipped    owed"), "{text}");
+        assert!(
+            text.contains("1    a                        started    delivered"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2    a                        failed     owed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("4    b                        skipped    owed"),
+            "{text}"
+        );
         assert!(text.contains("owed: 2 event(s)"), "{text}");
         let json: serde_json::Value =
-            serde_json::from_str(&report(&taskrun, crate::event::DEFAULT_TYPE_PREFIX, true)).unwrap();
+            serde_json::from_str(&report(&taskrun, crate::event::DEFAULT_TYPE_PREFIX, true))
+                .unwrap();
         assert_eq!(json["owed"].as_array().map(Vec::len), Some(2));
     }
 }

@@ -43,7 +43,10 @@ pub async fn read_step_log(client: &kube::Client, at: LogLocation<'_>, limit: us
         let mut tail = TailBuffer::new(limit);
         let mut chunk = vec![0_u8; READ_CHUNK_BYTES];
         loop {
-            let n = stream.read(&mut chunk).await.map_err(kube::Error::ReadEvents)?;
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(kube::Error::ReadEvents)?;
             if n == 0 {
                 break;
             }
@@ -60,9 +63,10 @@ pub async fn read_step_log(client: &kube::Client, at: LogLocation<'_>, limit: us
             "the API server refused the log of {pod}/{}: {}",
             at.container, status.message
         )),
-        Ok(Err(error)) => {
-            StepLog::Unavailable(format!("reading the log of {pod}/{} failed: {error}", at.container))
-        }
+        Ok(Err(error)) => StepLog::Unavailable(format!(
+            "reading the log of {pod}/{} failed: {error}",
+            at.container
+        )),
         Err(_) => StepLog::Unavailable(format!(
             "reading the log of {pod}/{} took longer than {}s",
             at.container,

@@ -36,6 +36,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::steps::StepEventKind;
+
 /// Prefix of every metric name, so that they group together in Prometheus.
 pub const METRIC_PREFIX: &str = "tekton_step_observer";
 
@@ -58,41 +60,8 @@ const RECONCILE_FIRST_BUCKET_SECONDS: f64 = 0.001;
 /// timeout during a reconcile.
 const RECONCILE_BUCKET_COUNT: u16 = 16;
 
-/// The kind of step transition an event announces.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum EventType {
-    /// The step's container started running.
-    Started,
-    /// The step finished with exit code 0.
-    Succeeded,
-    /// The step finished with a non-zero exit code or was terminated.
-    Failed,
-    /// The step never ran (an earlier step failed, or the TaskRun was
-    /// cancelled or timed out first).
-    Skipped,
-}
-
-impl EventType {
-    /// Every variant, to create all series up front.
-    pub const ALL: [EventType; 4] = [
-        EventType::Started,
-        EventType::Succeeded,
-        EventType::Failed,
-        EventType::Skipped,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Started => "started",
-            EventType::Succeeded => "succeeded",
-            EventType::Failed => "failed",
-            EventType::Skipped => "skipped",
-        }
-    }
-}
-
-impl EncodeLabelValue for EventType {
+/// Metric label of a step event kind: the kind's own word.
+impl EncodeLabelValue for StepEventKind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
     }
@@ -168,31 +137,6 @@ impl RetryReason {
             RetryReason::Other => "other",
         }
     }
-
-    /// The reason for retrying after the sink answered with `status`.
-    pub fn from_status(status: u16) -> Self {
-        match status {
-            429 => RetryReason::Throttled,
-            404 => RetryReason::NotFound,
-            409 => RetryReason::Conflict,
-            408 | 504 => RetryReason::Timeout,
-            500..=599 => RetryReason::ServerError,
-            _ => RetryReason::Other,
-        }
-    }
-
-    /// The reason for retrying after the HTTP client itself failed.
-    pub fn from_reqwest(error: &reqwest::Error) -> Self {
-        if error.is_timeout() {
-            RetryReason::Timeout
-        } else if error.is_connect() {
-            RetryReason::Connect
-        } else if let Some(status) = error.status() {
-            RetryReason::from_status(status.as_u16())
-        } else {
-            RetryReason::Other
-        }
-    }
 }
 
 impl EncodeLabelValue for RetryReason {
@@ -228,13 +172,13 @@ impl EncodeLabelValue for LostReason {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
-    r#type: EventType,
+    r#type: StepEventKind,
     outcome: Outcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabels {
-    r#type: EventType,
+    r#type: StepEventKind,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -314,15 +258,17 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix(METRIC_PREFIX);
 
+        // Creating a series returns a read guard on the family; dropping it
+        // right away leaves the series at zero.
         let events = Family::<EventLabels, Counter>::default();
         registry.register(
             "events",
             "Step events by type and final outcome at the sink",
             events.clone(),
         );
-        for r#type in EventType::ALL {
+        for r#type in StepEventKind::ALL {
             for outcome in Outcome::ALL {
-                events.get_or_create(&EventLabels { r#type, outcome });
+                drop(events.get_or_create(&EventLabels { r#type, outcome }));
             }
         }
 
@@ -334,8 +280,8 @@ impl Metrics {
             Unit::Seconds,
             delivery_latency.clone(),
         );
-        for r#type in EventType::ALL {
-            delivery_latency.get_or_create(&TypeLabels { r#type });
+        for r#type in StepEventKind::ALL {
+            drop(delivery_latency.get_or_create(&TypeLabels { r#type }));
         }
 
         let delivery_retries = Family::<RetryLabels, Counter>::default();
@@ -345,7 +291,7 @@ impl Metrics {
             delivery_retries.clone(),
         );
         for reason in RetryReason::ALL {
-            delivery_retries.get_or_create(&RetryLabels { reason });
+            drop(delivery_retries.get_or_create(&RetryLabels { reason }));
         }
 
         let reconcile_duration = reconcile_histogram();
@@ -398,7 +344,7 @@ impl Metrics {
             events_lost.clone(),
         );
         for reason in LostReason::ALL {
-            events_lost.get_or_create(&LostLabels { reason });
+            drop(events_lost.get_or_create(&LostLabels { reason }));
         }
 
         let log_read_errors = Counter::default();
@@ -444,17 +390,17 @@ impl Metrics {
 
     /// The sink accepted an event; `latency` runs from when the transition
     /// was observed to the sink's answer.
-    pub fn record_delivered(&self, event_type: EventType, latency: Duration) {
+    pub fn record_delivered(&self, event_type: StepEventKind, latency: Duration) {
         self.record_final(event_type, Outcome::Delivered, latency);
     }
 
     /// The sink refused an event for good; `latency` as for
     /// [`Metrics::record_delivered`].
-    pub fn record_rejected(&self, event_type: EventType, latency: Duration) {
+    pub fn record_rejected(&self, event_type: StepEventKind, latency: Duration) {
         self.record_final(event_type, Outcome::Rejected, latency);
     }
 
-    fn record_final(&self, event_type: EventType, outcome: Outcome, latency: Duration) {
+    fn record_final(&self, event_type: StepEventKind, outcome: Outcome, latency: Duration) {
         self.inner
             .events
             .get_or_create(&EventLabels {
@@ -556,8 +502,8 @@ mod tests {
     #[test]
     fn encode_names_every_metric_after_recording() {
         let metrics = Metrics::new();
-        metrics.record_delivered(EventType::Started, Duration::from_millis(12));
-        metrics.record_rejected(EventType::Failed, Duration::from_secs(2));
+        metrics.record_delivered(StepEventKind::Started, Duration::from_millis(12));
+        metrics.record_rejected(StepEventKind::Failed, Duration::from_secs(2));
         metrics.record_retry(RetryReason::Throttled);
         metrics.observe_reconcile(Duration::from_millis(3));
         metrics.record_reconcile_error("patch_ledger");
@@ -592,12 +538,39 @@ mod tests {
             "tekton_step_observer_watch_errors_total 1",
             "tekton_step_observer_tracked_taskruns 7",
         ] {
-            assert!(
-                text.contains(expected),
-                "missing {expected:?} in:\n{text}"
-            );
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "not OpenMetrics:\n{text}");
+    }
+
+    /// Every metric the Grafana dashboard queries exists under that name.
+    #[test]
+    fn dashboard_queries_only_existing_metrics() {
+        let dashboard = include_str!("../config/monitoring/grafana-dashboard.json");
+        let metrics = Metrics::new();
+        metrics.record_reconcile_error("kube");
+        let text = metrics.encode().unwrap();
+        let mut names: Vec<&str> = dashboard
+            .match_indices("tekton_step_observer_")
+            .map(|(start, _)| {
+                let rest = &dashboard[start..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            assert!(
+                text.lines().any(
+                    |line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' '])
+                ),
+                "the dashboard queries {name}, which is not exported:\n{text}"
+            );
+        }
     }
 
     #[test]
@@ -610,15 +583,5 @@ mod tests {
         .collect();
         assert_eq!(bounds.first().copied(), Some(0.005));
         assert!(bounds.last().copied().unwrap_or_default() >= 300.0);
-    }
-
-    #[test]
-    fn retry_reason_from_status() {
-        assert_eq!(RetryReason::from_status(429), RetryReason::Throttled);
-        assert_eq!(RetryReason::from_status(503), RetryReason::ServerError);
-        assert_eq!(RetryReason::from_status(504), RetryReason::Timeout);
-        assert_eq!(RetryReason::from_status(404), RetryReason::NotFound);
-        assert_eq!(RetryReason::from_status(409), RetryReason::Conflict);
-        assert_eq!(RetryReason::from_status(400), RetryReason::Other);
     }
 }

@@ -213,7 +213,7 @@ fn text(status: StatusCode, body: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::EventType;
+    use crate::steps::StepEventKind;
     use axum::body::Body;
     use axum::http::Request;
     use std::time::Duration;
@@ -236,15 +236,18 @@ mod tests {
         let body = axum::body::to_bytes(response.into_body(), BODY_LIMIT)
             .await
             .unwrap();
-        (status, content_type, String::from_utf8(body.to_vec()).unwrap())
+        (
+            status,
+            content_type,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
     }
 
     #[tokio::test]
     async fn metrics_are_openmetrics() {
         let metrics = Metrics::new();
-        metrics.record_delivered(EventType::Succeeded, Duration::from_millis(40));
-        let (status, content_type, body) =
-            get(router(metrics, Readiness::new()), "/metrics").await;
+        metrics.record_delivered(StepEventKind::Succeeded, Duration::from_millis(40));
+        let (status, content_type, body) = get(router(metrics, Readiness::new()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
         assert!(body.contains(
@@ -298,10 +301,7 @@ mod tests {
         assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
 
         readiness.set_watch_synced(false);
-        assert_eq!(
-            get(app, "/readyz").await.0,
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(get(app, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]
