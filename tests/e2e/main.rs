@@ -3,7 +3,11 @@
 //! simulator). Run by `make test` through `hack/e2e`, inside the cluster's
 //! loopback-only network namespace.
 
+// Shared with the fault suites (tests/faults_*.rs); each test crate uses a part.
+#[allow(dead_code, reason = "shared by several test crates")]
 mod support;
+#[allow(dead_code, reason = "shared by several test crates")]
+mod workload;
 
 use std::collections::HashSet;
 

@@ -430,3 +430,14 @@ pub async fn capture_fixture(client: &Client, namespace: &str, name: &str, fixtu
     )
     .unwrap();
 }
+
+/// Saves one fault case's figures as `<case>.json` under `RELIABILITY_DIR`
+/// (default: `target/reliability`), for `make reliability` to render.
+pub fn record_figures(case: &str, figures: Value) {
+    let dir = std::env::var("RELIABILITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reliability"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = serde_json::to_string_pretty(&figures).unwrap() + "\n";
+    std::fs::write(dir.join(format!("{case}.json")), text).unwrap();
+}
