@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build fmt fmt-check lint unit e2e test demo bench cluster-up cluster-down tools
+.PHONY: all build fmt fmt-check lint unit e2e test demo bench cluster-up cluster-down tools fuzz
 
 all: build
 
@@ -45,3 +45,50 @@ cluster-up: tools
 
 cluster-down:
 	hack/cluster down
+
+# Fuzzes the parsers of outside input (ledger annotation, sink ConfigMaps),
+# FUZZ_SECONDS per target. Not part of `make test`: it needs nightly and
+# libFuzzer, and its findings are open-ended. Corpora grow in fuzz/corpus/
+# from the committed fuzz/seeds/, crashes land in fuzz/artifacts/ (both
+# git-ignored).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := ledger_annotation sink_configmaps
+FUZZ_CARGO ?= cargo +nightly
+
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+	@$(FUZZ_CARGO) fuzz --version >/dev/null 2>&1 || $(FUZZ_CARGO) install cargo-fuzz --locked
+	$(FUZZ_CARGO) fuzz build
+	for target in $(FUZZ_TARGETS); do \
+	  corpus="$(CURDIR)/fuzz/corpus/$$target"; seeds="$(CURDIR)/fuzz/seeds/$$target"; \
+	  mkdir -p "$$corpus"; [[ -d "$$seeds" ]] || seeds=; \
+	  $(FUZZ_CARGO) fuzz run "$$target" "$$corpus" $$seeds -- \
+	    -max_total_time=$(FUZZ_SECONDS) -dict="$(CURDIR)/fuzz/dicts/$$target.dict"; \
+	done
+
+# The fault suites (tests/faults_*.rs: a steady workload on the local cluster
+# while the sink or the cluster misbehaves), one case at a time so their
+# measurements don't disturb each other; then hack/reliability-report renders
+# RELIABILITY.md from the figures they record in RELIABILITY_DIR, also when a
+# case failed (its failed checks show). Brings the cluster up if needed and
+# then down again, as e2e does; a running cluster is reused. faults_sink takes
+# about 6 minutes. `make reliability FAULT_SUITES=faults_sink` runs one suite
+# and keeps the other suites' figures from earlier runs in the report.
+RELIABILITY_DIR ?= $(CURDIR)/target/reliability
+FAULT_SUITES ?= $(patsubst tests/%.rs,%,$(wildcard tests/faults_*.rs))
+RELIABILITY_TEST_THREADS ?= 1
+
+.PHONY: reliability
+reliability: tools
+	@command -v jq >/dev/null || { echo "make reliability needs jq: apt-get install -y jq" >&2; exit 1; }
+	mkdir -p "$(RELIABILITY_DIR)"
+	$(if $(filter command line,$(origin FAULT_SUITES)),,rm -f "$(RELIABILITY_DIR)"/*.json)
+	$(CARGO) build --bin tekton-step-observer
+	$(CARGO) test --features e2e $(addprefix --test ,$(FAULT_SUITES)) --no-run
+	export RELIABILITY_DIR="$(RELIABILITY_DIR)"; \
+	if ! hack/cluster status >/dev/null 2>&1; then trap 'hack/cluster down' EXIT; hack/cluster up; fi; \
+	status=0; \
+	hack/cluster exec -- $(CARGO) test --offline --no-fail-fast --features e2e $(addprefix --test ,$(FAULT_SUITES)) -- \
+	  --test-threads $(RELIABILITY_TEST_THREADS) || status=$$?; \
+	hack/reliability-report "$(RELIABILITY_DIR)" "$(CURDIR)/RELIABILITY.md"; \
+	exit $$status
