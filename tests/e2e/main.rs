@@ -223,7 +223,21 @@ async fn twenty_five_steps_arrive_in_order() {
         .iter()
         .flat_map(|n| [(n.as_str(), "started"), (n.as_str(), "succeeded")])
         .collect();
-    run_case("twenty-five", &steps, &expected).await;
+    let (_, _, observer) = run_case("twenty-five", &steps, &expected).await;
+    // Once settled, a TaskRun costs the observer no memory: it keeps no
+    // per-object cache, and drops its own record once the annotation
+    // (seen through the watch) covers it.
+    wait_for(
+        "the observer to hold no state for settled TaskRuns",
+        EVENT_DEADLINE,
+        || async {
+            let metrics = observer.metrics_text().await;
+            (metrics.contains("tekton_step_observer_tracked_taskruns 0")
+                && metrics.contains("tekton_step_observer_queue_depth 0"))
+            .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
