@@ -67,13 +67,14 @@ fuzz:
 	done
 
 # The fault suites (tests/faults_*.rs: a steady workload on the local cluster
-# while the sink or the cluster misbehaves), one case at a time so their
-# measurements don't disturb each other; then hack/reliability-report renders
-# RELIABILITY.md from the figures they record in RELIABILITY_DIR, also when a
-# case failed (its failed checks show). Brings the cluster up if needed and
-# then down again, as e2e does; a running cluster is reused. faults_sink takes
-# about 6 minutes. `make reliability FAULT_SUITES=faults_sink` runs one suite
-# and keeps the other suites' figures from earlier runs in the report.
+# while the sink or the cluster misbehaves), one suite and one case at a time
+# so their measurements don't disturb each other; each suite records its
+# figures in RELIABILITY_DIR/<suite>/. Then hack/reliability-report renders
+# RELIABILITY.md from them, also when a case failed (its failed checks show).
+# Brings the cluster up if needed and then down again, as e2e does; a running
+# cluster is reused. faults_sink takes about 5 minutes.
+# `make reliability FAULT_SUITES=faults_sink` runs one suite; the report keeps
+# the other suites' figures from earlier runs (each with its date).
 RELIABILITY_DIR ?= $(CURDIR)/target/reliability
 FAULT_SUITES ?= $(patsubst tests/%.rs,%,$(wildcard tests/faults_*.rs))
 RELIABILITY_TEST_THREADS ?= 1
@@ -81,14 +82,15 @@ RELIABILITY_TEST_THREADS ?= 1
 .PHONY: reliability
 reliability: tools
 	@command -v jq >/dev/null || { echo "make reliability needs jq: apt-get install -y jq" >&2; exit 1; }
-	mkdir -p "$(RELIABILITY_DIR)"
-	$(if $(filter command line,$(origin FAULT_SUITES)),,rm -f "$(RELIABILITY_DIR)"/*.json)
 	$(CARGO) build --bin tekton-step-observer
 	$(CARGO) test --features e2e $(addprefix --test ,$(FAULT_SUITES)) --no-run
-	export RELIABILITY_DIR="$(RELIABILITY_DIR)"; \
 	if ! hack/cluster status >/dev/null 2>&1; then trap 'hack/cluster down' EXIT; hack/cluster up; fi; \
 	status=0; \
-	hack/cluster exec -- $(CARGO) test --offline --no-fail-fast --features e2e $(addprefix --test ,$(FAULT_SUITES)) -- \
-	  --test-threads $(RELIABILITY_TEST_THREADS) || status=$$?; \
+	for suite in $(FAULT_SUITES); do \
+	  rm -rf "$(RELIABILITY_DIR)/$$suite" && mkdir -p "$(RELIABILITY_DIR)/$$suite"; \
+	  RELIABILITY_DIR="$(RELIABILITY_DIR)/$$suite" hack/cluster exec -- \
+	    $(CARGO) test --offline --features e2e --test "$$suite" -- \
+	    --test-threads $(RELIABILITY_TEST_THREADS) || status=$$?; \
+	done; \
 	hack/reliability-report "$(RELIABILITY_DIR)" "$(CURDIR)/RELIABILITY.md"; \
 	exit $$status

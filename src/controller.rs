@@ -83,10 +83,11 @@ pub struct Context {
     pub metrics: Metrics,
     /// Publishes Kubernetes Events on TaskRuns.
     pub recorder: Recorder,
-    /// What this process settled, by TaskRun uid, until the annotation (as
-    /// seen through the watch) covers it. Guards against a cache that lags
-    /// behind our own patch.
-    memory: Mutex<HashMap<String, Ledger>>,
+    /// What this process settled, by TaskRun uid, until the TaskRun is
+    /// deleted. Guards against a cache that lags behind our own patch, and
+    /// against the annotation losing entries after we wrote it (see
+    /// [`Context::ledger_regressed`]): what is remembered is never sent again.
+    memory: Mutex<HashMap<String, Remembered>>,
     /// Bounds concurrent deliveries.
     pub delivery_slots: Semaphore,
 }
@@ -129,7 +130,7 @@ impl Context {
         Api::namespaced_with(self.client.clone(), namespace, &self.version.api_resource())
     }
 
-    fn memory(&self) -> MutexGuard<'_, HashMap<String, Ledger>> {
+    fn memory(&self) -> MutexGuard<'_, HashMap<String, Remembered>> {
         // A panic while holding the lock cannot leave a ledger half-merged
         // (merges are bit-ors), so a poisoned lock is safe to keep using.
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,7 +138,10 @@ impl Context {
 
     /// The in-memory ledger of a TaskRun (empty if none).
     pub fn memory_ledger(&self, uid: &str) -> Ledger {
-        self.memory().get(uid).cloned().unwrap_or_default()
+        self.memory()
+            .get(uid)
+            .map(|r| r.ledger.clone())
+            .unwrap_or_default()
     }
 
     /// Adds settled events to the in-memory ledger.
@@ -145,14 +149,39 @@ impl Context {
         self.memory()
             .entry(uid.to_owned())
             .or_default()
+            .ledger
             .merge(settled);
     }
 
-    fn forget_if_covered(&self, uid: &str, annotation: &Ledger) {
-        let mut memory = self.memory();
-        if memory.get(uid).is_some_and(|m| annotation.covers(m)) {
-            memory.remove(uid);
+    /// Notes the resourceVersion our ledger patch of a TaskRun produced.
+    pub fn wrote_ledger(&self, uid: &str, resource_version: Option<String>) {
+        if let Some(remembered) = self.memory().get_mut(uid) {
+            remembered.written = resource_version;
         }
+    }
+
+    /// Whether the snapshot's annotation lacks events this process settled
+    /// and recorded, although the snapshot is not older than our last write
+    /// of it: the ledger lost entries, and must be written again. Tekton's
+    /// controller does that: its `updateLabelsAndAnnotations` writes the
+    /// annotations of the copy it began reconciling with over the current
+    /// ones, so a ledger patch landing during a reconcile is undone.
+    /// resourceVersions of etcd-backed objects are integers that grow with
+    /// every write; one that is not is taken as newer, which costs at most a
+    /// conditional patch answered with 409.
+    pub fn ledger_regressed(&self, snapshot: &Snapshot) -> bool {
+        let memory = self.memory();
+        let Some(remembered) = memory.get(&snapshot.taskrun.uid) else {
+            return false;
+        };
+        let Some(written) = remembered.written.as_deref() else {
+            return false;
+        };
+        let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
+        if annotation.covers(&remembered.ledger) {
+            return false;
+        }
+        not_older_than(snapshot.resource_version.as_deref(), written)
     }
 
     fn forget(&self, uid: &str) {
@@ -162,6 +191,25 @@ impl Context {
     fn remembered(&self) -> usize {
         self.memory().len()
     }
+}
+
+/// Whether an object seen at resourceVersion `seen` is not older than the
+/// version `written` one of our writes produced. Versions that are not
+/// integers cannot be ordered and count as not older.
+fn not_older_than(seen: Option<&str>, written: &str) -> bool {
+    match (seen.map(str::parse::<u64>), written.parse::<u64>()) {
+        (Some(Ok(seen)), Ok(written)) => seen >= written,
+        _ => true,
+    }
+}
+
+/// What this process settled for one TaskRun.
+#[derive(Default)]
+struct Remembered {
+    /// Events settled at the sink.
+    ledger: Ledger,
+    /// The resourceVersion our last ledger patch produced.
+    written: Option<String>,
 }
 
 /// Finds which TaskRun API version the cluster serves.
@@ -291,12 +339,17 @@ impl Tracker {
         self.report_sizes();
     }
 
-    /// Starts a worker if the snapshot owes events, else drops what memory
-    /// the annotation already covers.
+    /// Starts a worker if the snapshot owes events, or its ledger lost
+    /// entries we wrote.
     fn evaluate(&mut self, snapshot: Arc<Snapshot>) {
         let uid = snapshot.taskrun.uid.clone();
-        if owed_count(&self.ctx, &snapshot) > 0 {
-            debug!(taskrun = %snapshot.taskrun.key(), "events owed; starting delivery");
+        let owed = owed_count(&self.ctx, &snapshot);
+        let regressed = owed == 0 && self.ctx.ledger_regressed(&snapshot);
+        if regressed {
+            info!(taskrun = %snapshot.taskrun.key(), "the ledger annotation lost entries we recorded (an older copy was written over it); recording them again");
+        }
+        if owed > 0 || regressed {
+            debug!(taskrun = %snapshot.taskrun.key(), owed, "starting delivery");
             let (snapshots, rx) = watch::channel(snapshot);
             let ctx = self.ctx.clone();
             let done = self.done_tx.clone();
@@ -308,9 +361,6 @@ impl Tracker {
                 let _ = done.send(worker_uid);
             });
             self.workers.insert(uid, Worker { snapshots });
-        } else {
-            let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
-            self.ctx.forget_if_covered(&uid, &annotation);
         }
     }
 
@@ -429,4 +479,21 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_before_our_write_is_older() {
+        assert!(!not_older_than(Some("41"), "42"));
+        assert!(not_older_than(Some("42"), "42"));
+        assert!(not_older_than(Some("100"), "42"));
+        // Unordered versions count as newer: at worst a conditional patch
+        // that answers 409.
+        assert!(not_older_than(Some("abc"), "42"));
+        assert!(not_older_than(None, "42"));
+        assert!(not_older_than(Some("41"), "x"));
+    }
 }

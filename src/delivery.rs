@@ -2,22 +2,23 @@
 //! what the sink could not take yet, and record what was settled in the
 //! ledger annotation, only after the sink acknowledged.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudevents::Event;
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use rand::Rng;
-use serde_json::json;
-use tokio::sync::watch;
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::controller::{Context, annotation_ledger, left_alone_by_backfill};
 use crate::error::{Error, Result};
-use crate::event::{EventInput, StepLog, build_event};
+use crate::event::{EventInput, StepLog, build_event, state_as_started};
 use crate::ledger::{Ledger, Settlement};
 use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
@@ -61,6 +62,20 @@ enum RoundEnd {
     NotLeader,
 }
 
+/// How long a terminal event waits for its step's log while reading it fails
+/// in a way that may pass: longer than an API server or kubelet restart
+/// takes, short enough that a node gone for good holds its TaskRuns' events
+/// only briefly. Then the event goes out without its log (`logError`).
+const LOG_WAIT: Duration = Duration::from_secs(120);
+
+/// An event built, or why not yet.
+enum Built {
+    /// Ready to send.
+    Event(Event),
+    /// Its step's log could not be read for now.
+    LogNotYet(Error),
+}
+
 /// What stops a worker from sending right now.
 enum Gate {
     Open(url::Url),
@@ -74,6 +89,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
     let mut attempt: u32 = 0;
     let mut first_seen: HashMap<(usize, StepEventKind), Instant> = HashMap::new();
     let mut pending: Option<((usize, StepEventKind), Event)> = None;
+    let mut log_waits = HashMap::new();
     let mut reported_malformed = false;
     let mut patch_owed = false;
     loop {
@@ -104,7 +120,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             }
             return;
         }
-        if owed.is_empty() && !patch_owed {
+        if owed.is_empty() && !patch_owed && !ctx.ledger_regressed(&snapshot) {
             return;
         }
         let now = Instant::now();
@@ -126,8 +142,9 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     snapshot: &snapshot,
                     sink: &sink,
                     first_seen: &first_seen,
+                    pod: OnceCell::new(),
                 };
-                round.send_all(&owed, &mut pending).await
+                round.send_all(&owed, &mut pending, &mut log_waits).await
             }
             // Closed only when the process is going down.
             Err(_) => return,
@@ -209,6 +226,9 @@ struct Round<'a> {
     snapshot: &'a Snapshot,
     sink: &'a url::Url,
     first_seen: &'a HashMap<(usize, StepEventKind), Instant>,
+    /// The TaskRun's pod as JSON (None if it cannot be read), read at most
+    /// once per round, when a `started` event is built after its step ended.
+    pod: OnceCell<Option<Value>>,
 }
 
 impl Round<'_> {
@@ -216,6 +236,7 @@ impl Round<'_> {
         &self,
         owed: &[Transition],
         pending: &mut Option<((usize, StepEventKind), Event)>,
+        log_waits: &mut HashMap<(usize, StepEventKind), Instant>,
     ) -> RoundEnd {
         let ctx = self.ctx;
         let taskrun = &self.snapshot.taskrun;
@@ -227,8 +248,16 @@ impl Round<'_> {
             // A retried event is sent exactly as before: same id, same log.
             let event = match pending.take() {
                 Some((pending_key, event)) if pending_key == key => event,
-                _ => match self.build(transition).await {
-                    Ok(event) => event,
+                _ => match self.build(transition, log_waits.get(&key)).await {
+                    Ok(Built::Event(event)) => {
+                        log_waits.remove(&key);
+                        event
+                    }
+                    Ok(Built::LogNotYet(error)) => {
+                        warn!(taskrun = %taskrun.key(), step = %transition.step_name, %error, "the step's log cannot be read yet; will retry");
+                        log_waits.entry(key).or_insert_with(Instant::now);
+                        return RoundEnd::RetryAfter(Duration::ZERO);
+                    }
                     Err(error) => {
                         error!(taskrun = %taskrun.key(), step = %transition.step_name, %error, "cannot build the event; recording it as rejected");
                         self.settle(transition, Settlement::Rejected);
@@ -292,24 +321,50 @@ impl Round<'_> {
         self.ctx.remember(&self.snapshot.taskrun.uid, &settled);
     }
 
-    async fn build(&self, transition: &Transition) -> Result<Event> {
+    /// Builds the event of a transition; a terminal event waits for its
+    /// log while reading it fails in a way that may pass, for up to
+    /// [`LOG_WAIT`] since `log_failing_since`.
+    async fn build(
+        &self,
+        transition: &Transition,
+        log_failing_since: Option<&Instant>,
+    ) -> Result<Built> {
         let status = self.snapshot.status.as_ref();
         let index = transition.step_index;
-        let step_state = status.and_then(|s| s.steps.get(index));
+        let mut step_state = status.and_then(|s| s.steps.get(index));
         let step_spec = status
             .and_then(|s| s.task_spec.as_ref())
             .and_then(|spec| spec.steps.get(index));
         let pod_name = status.and_then(|s| s.pod_name.as_deref());
+        let container = step_state
+            .and_then(|s| s.get("container"))
+            .and_then(|c| c.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("step-{}", transition.step_name));
+        let mut transition = Cow::Borrowed(transition);
+        let started_state;
         let log = match transition.kind {
-            StepEventKind::Started => StepLog::NotCarried,
+            StepEventKind::Started => {
+                // The step ended since it started: describe it as it
+                // started, so that this event, whether first sent now or
+                // sent again after a restart, is the one sent while the
+                // step ran. Step 0 starts when its container does.
+                if let Some(state) = step_state.filter(|s| s.get("terminated").is_some()) {
+                    let container_start = self.container_started_at(pod_name, &container).await;
+                    let at = container_start
+                        .as_deref()
+                        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok());
+                    if let Some(at) = at.filter(|_| index == 0) {
+                        transition.to_mut().time = Some(at.with_timezone(&chrono::Utc));
+                    }
+                    started_state = state_as_started(state, container_start.as_deref());
+                    step_state = Some(&started_state);
+                }
+                StepLog::NotCarried
+            }
             StepEventKind::Skipped => StepLog::Unavailable("the step did not run".to_owned()),
             StepEventKind::Succeeded | StepEventKind::Failed => {
-                let container = step_state
-                    .and_then(|s| s.get("container"))
-                    .and_then(|c| c.as_str())
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("step-{}", transition.step_name));
-                let log = read_step_log(
+                let log = match read_step_log(
                     &self.ctx.client,
                     LogLocation {
                         namespace: &self.snapshot.taskrun.namespace,
@@ -318,7 +373,14 @@ impl Round<'_> {
                     },
                     self.ctx.settings.log_limit_bytes,
                 )
-                .await;
+                .await
+                {
+                    Ok(log) => log,
+                    Err(error) if log_failing_since.is_none_or(|s| s.elapsed() < LOG_WAIT) => {
+                        return Ok(Built::LogNotYet(error));
+                    }
+                    Err(error) => StepLog::Unavailable(error.to_string()),
+                };
                 if let StepLog::Unavailable(why) = &log {
                     self.ctx.metrics.record_log_read_error();
                     debug!(taskrun = %self.snapshot.taskrun.key(), step = %transition.step_name, %why, "log not available");
@@ -330,13 +392,49 @@ impl Round<'_> {
             &self.ctx.settings.events,
             EventInput {
                 taskrun: &self.snapshot.taskrun,
-                transition,
+                transition: &transition,
                 step_spec,
                 step_state,
                 pod_name,
                 log: &log,
             },
         )
+        .map(Built::Event)
+    }
+}
+
+impl Round<'_> {
+    /// When a step's container started, as its pod records it (the kubelet
+    /// keeps it in `terminated.startedAt`); None when the pod cannot be read.
+    async fn container_started_at(&self, pod: Option<&str>, container: &str) -> Option<String> {
+        let pod = self
+            .pod
+            .get_or_init(|| async {
+                let pod = pod?;
+                let api: Api<DynamicObject> = Api::namespaced_with(
+                    self.ctx.client.clone(),
+                    &self.snapshot.taskrun.namespace,
+                    &ApiResource::erase::<Pod>(&()),
+                );
+                match api.get(pod).await {
+                    Ok(object) => serde_json::to_value(object).ok(),
+                    Err(error) => {
+                        debug!(taskrun = %self.snapshot.taskrun.key(), %error, "cannot read the pod for a container's start");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()?;
+        let status = pod["status"]["containerStatuses"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == container)?;
+        let state = &status["state"];
+        state["terminated"]["startedAt"]
+            .as_str()
+            .or_else(|| state["running"]["startedAt"].as_str())
+            .map(str::to_owned)
     }
 }
 
@@ -353,6 +451,12 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..PatchParams::default()
     };
+    // Entries of steps this TaskRun does not have can never count; dropping
+    // them keeps a foreign or hostile annotation (say, 256 KiB of made-up
+    // steps) from pushing the ledger past the API server's size limit.
+    let steps: Option<std::collections::HashSet<String>> = run_facts(snapshot.status.as_ref())
+        .ok()
+        .map(|facts| facts.steps.into_iter().map(|step| step.name).collect());
     let mut last_error = None;
     for _ in 0..MAX_PATCH_ATTEMPTS {
         if !*ctx.leader.borrow() {
@@ -363,6 +467,9 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
         }
         let mut merged = current.clone();
         merged.merge(settled);
+        if let Some(steps) = &steps {
+            merged.retain_steps(|name| steps.contains(name));
+        }
         let patch = json!({
             "metadata": {
                 "resourceVersion": resource_version,
@@ -373,7 +480,8 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
             .patch(&taskrun.name, &params, &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => {
+            Ok(patched) => {
+                ctx.wrote_ledger(&taskrun.uid, patched.metadata.resource_version);
                 debug!(taskrun = %taskrun.key(), events = merged.len(), "ledger recorded");
                 return Ok(());
             }

@@ -158,6 +158,45 @@ pub fn event_data(input: EventInput<'_>) -> Value {
     data
 }
 
+/// Fields of a step's state that only exist once the step ended.
+const ENDED_STATE_FIELDS: [&str; 6] = [
+    "terminated",
+    "terminationReason",
+    "results",
+    "inputs",
+    "outputs",
+    "waiting",
+];
+
+/// The `stepState` a `started` event carries: the step's state as it was
+/// while it ran. A state that has ended since (the event is built late, or
+/// sent again after a restart) is rolled back to `running` since
+/// `container_started_at`, the container's start as its pod records it
+/// (Tekton replaces `terminated.startedAt` with the step's own start), or
+/// else since `terminated.startedAt`. So a `started` event resent after its
+/// step ended carries what it carried the first time. A state that has not
+/// ended is returned as it is.
+pub fn state_as_started(state: &Value, container_started_at: Option<&str>) -> Value {
+    let Some(terminated) = state.get("terminated") else {
+        return state.clone();
+    };
+    let started_at = container_started_at
+        .map(Value::from)
+        .or_else(|| terminated.get("startedAt").cloned());
+    let mut started = state.clone();
+    if let Some(fields) = started.as_object_mut() {
+        for field in ENDED_STATE_FIELDS {
+            fields.remove(field);
+        }
+        let running = match started_at {
+            Some(at) => json!({ "startedAt": at }),
+            None => json!({}),
+        };
+        fields.insert("running".to_owned(), running);
+    }
+    started
+}
+
 /// Keeps the last `limit` bytes of a log, replacing bytes that are not
 /// UTF-8. The tail is what explains a failure.
 pub fn cap_log(bytes: &[u8], limit: usize) -> StepLog {
@@ -296,6 +335,35 @@ mod tests {
             panic!("no json data")
         };
         assert!(data.get("log").is_none(), "started events carry no log");
+    }
+
+    #[test]
+    fn a_started_state_is_rolled_back_to_running() {
+        let running = json!({
+            "name": "a", "container": "step-a", "imageID": "img", "provenance": {},
+            "running": {"startedAt": "2026-11-25T10:00:01Z"},
+        });
+        assert_eq!(
+            state_as_started(&running, Some("2026-11-25T10:00:09Z")),
+            running
+        );
+        let ended = json!({
+            "name": "a", "container": "step-a", "imageID": "img", "provenance": {},
+            "terminated": {"exitCode": 0, "reason": "Completed", "containerID": "c",
+                "startedAt": "2026-11-25T10:00:02Z", "finishedAt": "2026-11-25T10:00:03Z"},
+            "terminationReason": "Completed",
+            "results": [{"name": "r", "value": "v"}],
+        });
+        // With the container's start from the pod: what the running state said.
+        assert_eq!(
+            state_as_started(&ended, Some("2026-11-25T10:00:01Z")),
+            running
+        );
+        // Without: the step's own start.
+        assert_eq!(
+            state_as_started(&ended, None)["running"],
+            json!({"startedAt": "2026-11-25T10:00:02Z"})
+        );
     }
 
     #[test]

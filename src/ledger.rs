@@ -105,8 +105,20 @@ impl Ledger {
         }
         let json: LedgerJson = serde_json::from_str(annotation).map_err(Error::MalformedLedger)?;
         let mut ledger = Ledger::default();
+        // An index by name keeps parsing linear: a hostile annotation can
+        // name some 15 000 steps in 256 KiB, and a scan per entry made that
+        // a fifth of a second on every watch event.
+        let mut index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::with_capacity(json.statuses.len());
         for step in json.statuses {
-            let record = ledger.record_mut(&step.name);
+            let at = *index.entry(step.name).or_insert_with_key(|name| {
+                ledger.steps.push(StepRecord {
+                    name: name.clone(),
+                    ..StepRecord::default()
+                });
+                ledger.steps.len() - 1
+            });
+            let record = &mut ledger.steps[at];
             for kind in step.emitted.iter().filter_map(|t| kind_of_type(t)) {
                 record.delivered.insert(kind);
             }
@@ -169,6 +181,12 @@ impl Ledger {
             record.delivered.0 |= step.delivered.0;
             record.rejected.0 |= step.rejected.0;
         }
+    }
+
+    /// Drops the records of steps `keep` refuses (steps the TaskRun does not
+    /// have, whose entries can never count).
+    pub fn retain_steps(&mut self, keep: impl Fn(&str) -> bool) {
+        self.steps.retain(|step| keep(&step.name));
     }
 
     /// Whether every event `other` settled is settled here too.
@@ -277,6 +295,49 @@ mod tests {
         )
         .unwrap();
         assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn a_full_size_hostile_annotation_parses_and_merges_repeats() {
+        // 256 KiB of distinct made-up steps, the most a writer can pack in.
+        let mut text = String::from(r#"{"statuses":[{"name":"g0"}"#);
+        let mut i = 1;
+        while text.len() < 256 * 1024 - 40 {
+            text.push_str(&format!(r#",{{"name":"g{i}"}}"#));
+            i += 1;
+        }
+        text.push_str(r#",{"name":"g0","emitted":["x.failed.v1"]}]}"#);
+        // Its cost (linear since parsing indexes names) is a benchmark
+        // matter, not asserted here.
+        let ledger = Ledger::parse(&text).unwrap();
+        assert_eq!(ledger.steps().len(), i);
+        assert!(
+            ledger.settled("g0", StepEventKind::Failed),
+            "a repeated name merges"
+        );
+    }
+
+    #[test]
+    fn retain_steps_drops_foreign_entries_only() {
+        let mut ghosts = String::from(r#"{"statuses":["#);
+        for i in 0..5000 {
+            ghosts.push_str(&format!(
+                r#"{{"name":"g{i}","emitted":["{PREFIX}.started.v1"]}},"#
+            ));
+        }
+        ghosts.push_str(r#"{"name":"a","emitted":["x.started.v1"]}]}"#);
+        let mut ledger = Ledger::parse(&ghosts).unwrap();
+        assert_eq!(ledger.len(), 5001);
+        let mut settled = Ledger::default();
+        settled.record("b", StepEventKind::Started, Settlement::Delivered);
+        ledger.merge(&settled);
+        ledger.retain_steps(|name| ["a", "b"].contains(&name));
+        assert_eq!(
+            ledger.to_annotation(PREFIX),
+            format!(
+                r#"{{"statuses":[{{"name":"a","emitted":["{PREFIX}.started.v1"]}},{{"name":"b","emitted":["{PREFIX}.started.v1"]}}]}}"#
+            )
+        );
     }
 
     #[test]

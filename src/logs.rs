@@ -7,6 +7,7 @@ use futures::AsyncReadExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams};
 
+use crate::error::Error;
 use crate::event::{StepLog, cap_log};
 
 /// How long reading one log may take: a 100 MB log streams in a few seconds
@@ -27,11 +28,18 @@ pub struct LogLocation<'a> {
     pub container: &'a str,
 }
 
-/// Reads the last `limit` bytes of a step's log. Never fails: what went
-/// wrong is returned as [`StepLog::Unavailable`] so the event still goes out.
-pub async fn read_step_log(client: &kube::Client, at: LogLocation<'_>, limit: usize) -> StepLog {
+/// Reads the last `limit` bytes of a step's log. A log that cannot be had
+/// (no pod, pod deleted, refused, too slow) is [`StepLog::Unavailable`], so
+/// the event still goes out; a failure that may pass (the API server or the
+/// kubelet not answering, 429, 5xx) is an [`Error::ReadLog`], for the caller
+/// to try again.
+pub async fn read_step_log(
+    client: &kube::Client,
+    at: LogLocation<'_>,
+    limit: usize,
+) -> Result<StepLog, Error> {
     let Some(pod) = at.pod else {
-        return StepLog::Unavailable("the TaskRun has no pod".to_owned());
+        return Ok(StepLog::Unavailable("the TaskRun has no pod".to_owned()));
     };
     let api: Api<Pod> = Api::namespaced(client.clone(), at.namespace);
     let params = LogParams {
@@ -54,25 +62,30 @@ pub async fn read_step_log(client: &kube::Client, at: LogLocation<'_>, limit: us
         }
         Ok::<_, kube::Error>(tail.into_log())
     };
-    match tokio::time::timeout(LOG_READ_TIMEOUT, read).await {
+    Ok(match tokio::time::timeout(LOG_READ_TIMEOUT, read).await {
         Ok(Ok(log)) => log,
         Ok(Err(kube::Error::Api(status))) if status.code == 404 => StepLog::Unavailable(format!(
             "pod {pod} not found: it was deleted before its log was read"
         )),
-        Ok(Err(kube::Error::Api(status))) => StepLog::Unavailable(format!(
-            "the API server refused the log of {pod}/{}: {}",
-            at.container, status.message
-        )),
-        Ok(Err(error)) => StepLog::Unavailable(format!(
-            "reading the log of {pod}/{} failed: {error}",
-            at.container
-        )),
+        Ok(Err(kube::Error::Api(status))) if status.code != 429 && status.code < 500 => {
+            StepLog::Unavailable(format!(
+                "the API server refused the log of {pod}/{}: {}",
+                at.container, status.message
+            ))
+        }
+        Ok(Err(source)) => {
+            return Err(Error::ReadLog {
+                pod: pod.to_owned(),
+                container: at.container.to_owned(),
+                source,
+            });
+        }
         Err(_) => StepLog::Unavailable(format!(
             "reading the log of {pod}/{} took longer than {}s",
             at.container,
             LOG_READ_TIMEOUT.as_secs()
         )),
-    }
+    })
 }
 
 /// Keeps the last `limit` bytes seen (plus one, to know a cut happened),

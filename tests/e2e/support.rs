@@ -52,6 +52,25 @@ where
     }
 }
 
+/// Like [`wait_for`], but gives up with `None` at the deadline instead of
+/// panicking, so the caller can record and report what it saw.
+pub async fn try_wait_for<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// A namespace of one test, deleted when dropped.
 pub struct TestNamespace {
     pub name: String,
@@ -241,6 +260,8 @@ pub fn ledger_of(taskrun: &Value) -> Option<Value> {
 #[derive(Clone, Default)]
 pub struct Received {
     events: Arc<Mutex<Vec<Event>>>,
+    /// When each of `events` arrived (same index).
+    arrived_at: Arc<Mutex<Vec<Instant>>>,
     /// When non-zero, answer every event with this status (and drop it).
     pub fail_with: Arc<AtomicU16>,
 }
@@ -248,6 +269,13 @@ pub struct Received {
 impl Received {
     pub fn events(&self) -> Vec<Event> {
         self.events.lock().unwrap().clone()
+    }
+
+    /// Every event with the moment it arrived, in arrival order.
+    pub fn arrivals(&self) -> Vec<(Instant, Event)> {
+        let events = self.events.lock().unwrap();
+        let times = self.arrived_at.lock().unwrap();
+        times.iter().copied().zip(events.iter().cloned()).collect()
     }
 
     /// Events about one TaskRun, in arrival order.
@@ -280,7 +308,9 @@ async fn receive(State(received): State<Received>, event: Event) -> StatusCode {
     if fail != 0 {
         return StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     }
-    received.events.lock().unwrap().push(event);
+    let mut events = received.events.lock().unwrap();
+    events.push(event);
+    received.arrived_at.lock().unwrap().push(Instant::now());
     StatusCode::ACCEPTED
 }
 
@@ -311,6 +341,9 @@ pub struct Observer {
     child: Child,
     pub metrics: SocketAddr,
     pub log: PathBuf,
+    /// What it was started with, for [`Observer::restart`].
+    args: Vec<String>,
+    kubeconfig: Option<String>,
 }
 
 impl Observer {
@@ -318,10 +351,40 @@ impl Observer {
     /// and waits until /healthz answers.
     pub async fn start(test: &str, args: &[&str], kubeconfig: Option<&str>) -> Self {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_at(test, args, kubeconfig, metrics).await
+    }
+
+    /// As [`Observer::start`], serving metrics on `metrics`.
+    pub async fn start_at(
+        test: &str,
+        args: &[&str],
+        kubeconfig: Option<&str>,
+        metrics: SocketAddr,
+    ) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{test}.log"));
         let file = std::fs::File::create(&log).unwrap();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let kubeconfig = kubeconfig.map(str::to_owned);
+        let child = Self::spawn(metrics, &args, kubeconfig.as_deref(), file);
+        let observer = Observer {
+            child,
+            metrics,
+            log,
+            args,
+            kubeconfig,
+        };
+        observer.wait_healthy().await;
+        observer
+    }
+
+    fn spawn(
+        metrics: SocketAddr,
+        args: &[String],
+        kubeconfig: Option<&str>,
+        file: std::fs::File,
+    ) -> Child {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tekton-step-observer"));
         command
             .arg("run")
@@ -339,13 +402,11 @@ impl Observer {
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
         }
-        let child = command.spawn().expect("start the observer");
-        let observer = Observer {
-            child,
-            metrics,
-            log,
-        };
-        let url = format!("http://{metrics}/healthz");
+        command.spawn().expect("start the observer")
+    }
+
+    async fn wait_healthy(&self) {
+        let url = format!("http://{}/healthz", self.metrics);
         wait_for(
             "the observer's /healthz",
             Duration::from_secs(30),
@@ -358,7 +419,32 @@ impl Observer {
             },
         )
         .await;
-        observer
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the process (no shutdown, no lease release) and reaps it.
+    pub fn kill(&mut self) {
+        // An error means it already exited; wait() reaps it either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again with the same arguments and metrics port
+    /// (after [`Observer::kill`]), appending to the same log, and waits
+    /// until /healthz answers.
+    pub async fn restart(&mut self) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        writeln!(file, "---- restarted by the test ----").unwrap();
+        self.child = Self::spawn(self.metrics, &self.args, self.kubeconfig.as_deref(), file);
+        self.wait_healthy().await;
     }
 
     /// The observer's /metrics text.
@@ -374,6 +460,11 @@ impl Observer {
     /// Its log so far, for failure messages.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process still runs (has neither exited nor crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 

@@ -177,6 +177,7 @@ mod tests {
             exit_code,
             duration: Duration::from_millis(duration_ms),
             log: String::new(),
+            filler_log_bytes: 0,
             on_error,
             timeout: timeout_ms.map(Duration::from_millis),
         }

@@ -2,7 +2,8 @@
 //! kwok `Logs` object (kwok.x-k8s.io/v1alpha1, one per pod, named like the pod) that tells
 //! kwok which file belongs to which container.
 
-use std::io::ErrorKind;
+use std::fmt::Write as _;
+use std::io::{ErrorKind, Write as _};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -59,6 +60,36 @@ pub fn cri_log(at: DateTime<Utc>, stream: Stream, text: &str) -> String {
     log
 }
 
+/// Length of one full filler line, its newline included: long enough that the CRI prefix
+/// adds little to the file, far below the 16 KiB at which container runtimes split lines.
+pub const FILLER_LINE_BYTES: u64 = 1024;
+
+/// Write buffer of a filler log: few system calls, bounded memory.
+const FILLER_WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+/// The filler lines of `SIMULATED_LOG_BYTES=bytes`, exactly `bytes` bytes of log in all
+/// (newlines included): lines of [`FILLER_LINE_BYTES`] reading
+/// `filler 0000000001 xxx…`, numbered from 1, then one shorter line of `x`s for the
+/// remainder. Calls `line` with each line's text, without its newline, reusing one buffer.
+pub fn filler<E>(bytes: u64, mut line: impl FnMut(&str) -> Result<(), E>) -> Result<(), E> {
+    let width = FILLER_LINE_BYTES as usize - 1;
+    let mut text = String::with_capacity(width);
+    for number in 1..=bytes / FILLER_LINE_BYTES {
+        text.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(text, "filler {number:010} ");
+        text.extend(std::iter::repeat_n('x', width - text.len()));
+        line(&text)?;
+    }
+    let rest = (bytes % FILLER_LINE_BYTES) as usize;
+    if rest > 0 {
+        text.clear();
+        text.extend(std::iter::repeat_n('x', rest - 1));
+        line(&text)?;
+    }
+    Ok(())
+}
+
 /// The container log files of all simulated pods, under one directory.
 #[derive(Clone, Debug)]
 pub struct LogFiles {
@@ -110,6 +141,38 @@ impl LogFiles {
         log: &str,
     ) -> std::io::Result<()> {
         tokio::fs::write(self.path(namespace, pod, container), log).await
+    }
+
+    /// Replaces a container's log with `filler_bytes` of [`filler`] lines on stdout, all
+    /// stamped `at`, followed by `rest` (already in the CRI format). Streamed through a
+    /// bounded buffer on a blocking thread, so a 100 MB log never sits in memory.
+    pub async fn write_with_filler(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        at: DateTime<Utc>,
+        filler_bytes: u64,
+        rest: String,
+    ) -> std::io::Result<()> {
+        let path = self.path(namespace, pod, container);
+        let prefix = format!(
+            "{} stdout F ",
+            at.to_rfc3339_opts(SecondsFormat::Nanos, true)
+        );
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(path)?;
+            let mut out = std::io::BufWriter::with_capacity(FILLER_WRITE_BUFFER_BYTES, file);
+            filler(filler_bytes, |text| {
+                out.write_all(prefix.as_bytes())?;
+                out.write_all(text.as_bytes())?;
+                out.write_all(b"\n")
+            })?;
+            out.write_all(rest.as_bytes())?;
+            out.flush()
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Removes a pod's log files.
@@ -228,6 +291,61 @@ impl KwokLogs {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn filler_is_exactly_as_long_as_asked() {
+        for bytes in [0, 1, 2, 17, 1023, 1024, 1025, 3 * 1024, 5000] {
+            let mut lines = Vec::new();
+            filler(bytes, |line| {
+                lines.push(line.to_owned());
+                Ok::<_, ()>(())
+            })
+            .expect("collecting cannot fail");
+            let total: u64 = lines.iter().map(|line| line.len() as u64 + 1).sum();
+            assert_eq!(total, bytes, "{bytes}");
+            let full = (bytes / FILLER_LINE_BYTES) as usize;
+            for (index, line) in lines.iter().enumerate().take(full) {
+                assert_eq!(line.len() as u64, FILLER_LINE_BYTES - 1);
+                assert!(
+                    line.starts_with(&format!("filler {:010} x", index + 1)),
+                    "{line:.30}"
+                );
+            }
+            assert!(
+                lines[full..]
+                    .iter()
+                    .all(|line| line.bytes().all(|b| b == b'x'))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn filler_log_file_is_cri_lines_then_the_rest() {
+        let dir = std::env::temp_dir().join(format!("step-simulator-test-{}", std::process::id()));
+        let files = LogFiles::new(&dir).await.expect("temp dir");
+        files
+            .prepare("ns", "pod", &["step-a".to_owned()])
+            .await
+            .expect("prepare");
+        let at = Utc
+            .with_ymd_and_hms(2025, 1, 2, 3, 4, 5)
+            .single()
+            .expect("valid test time");
+        let rest = cri_log(at, Stream::Stdout, "last line\n");
+        files
+            .write_with_filler("ns", "pod", "step-a", at, 2 * FILLER_LINE_BYTES + 3, rest)
+            .await
+            .expect("write");
+        let text = std::fs::read_to_string(files.path("ns", "pod", "step-a")).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        let prefix = "2025-01-02T03:04:05.000000000Z stdout F ";
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with(&format!("{prefix}filler 0000000001 xx")));
+        assert!(lines[1].starts_with(&format!("{prefix}filler 0000000002 xx")));
+        assert_eq!(lines[2], format!("{prefix}xx"));
+        assert_eq!(lines[3], format!("{prefix}last line"));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     #[test]
     fn cri_log_lines() {

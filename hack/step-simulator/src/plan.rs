@@ -1,7 +1,7 @@
 //! What a Tekton TaskRun pod asks the simulator to do, read from the pod's spec alone.
 //!
 //! Each step container states its outcome in its environment (see the crate's README):
-//! `SIMULATED_EXIT_CODE`, `SIMULATED_DURATION_MS` and `SIMULATED_LOG`. The rest comes from
+//! `SIMULATED_EXIT_CODE`, `SIMULATED_DURATION_MS`, `SIMULATED_LOG` and `SIMULATED_LOG_BYTES`. The rest comes from
 //! the arguments Tekton gives its entrypoint binary (`-on_error`, `-timeout`, `-wait_file`)
 //! and from the pod's downward-API volume.
 
@@ -16,6 +16,12 @@ pub const EXIT_CODE_ENV: &str = "SIMULATED_EXIT_CODE";
 pub const DURATION_ENV: &str = "SIMULATED_DURATION_MS";
 /// Environment variable holding the text the step's command prints to stdout.
 pub const LOG_ENV: &str = "SIMULATED_LOG";
+/// Environment variable holding how many bytes of filler lines the step's command prints
+/// before `SIMULATED_LOG`: large logs that could never pass through a pod's environment.
+pub const LOG_BYTES_ENV: &str = "SIMULATED_LOG_BYTES";
+/// The most filler a step may ask for (1 GiB): far beyond any test's need, and a typo can
+/// not fill the disk.
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
 
 /// A step that states no duration runs this long: short, yet visibly running.
 const DEFAULT_STEP_DURATION: Duration = Duration::from_millis(100);
@@ -54,6 +60,8 @@ pub struct StepPlan {
     pub duration: Duration,
     /// What the step's command prints to stdout.
     pub log: String,
+    /// Bytes of filler lines the command prints before `log` (see [`crate::logs::filler`]).
+    pub filler_log_bytes: u64,
     /// The step's `onError`.
     pub on_error: OnError,
     /// The step's own `timeout`, if it has one.
@@ -103,6 +111,16 @@ pub enum PlanError {
     /// `SIMULATED_DURATION_MS` is not a non-negative integer.
     #[error("{container}: {DURATION_ENV}={value:?} is not a number of milliseconds")]
     InvalidDuration {
+        /// Container the value is in.
+        container: String,
+        /// The value as written.
+        value: String,
+    },
+    /// `SIMULATED_LOG_BYTES` is not an integer in 0..=[`MAX_LOG_BYTES`].
+    #[error(
+        "{container}: {LOG_BYTES_ENV}={value:?} is not a number of bytes (0..={MAX_LOG_BYTES})"
+    )]
+    InvalidLogBytes {
         /// Container the value is in.
         container: String,
         /// The value as written.
@@ -223,6 +241,18 @@ fn step_plan(container_index: usize, container: &Container) -> Result<StepPlan, 
         .get(LOG_ENV)
         .map(|log| (*log).to_owned())
         .unwrap_or_default();
+    let filler_log_bytes = match env.get(LOG_BYTES_ENV) {
+        None => 0,
+        Some(value) => value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|bytes| *bytes <= MAX_LOG_BYTES)
+            .ok_or_else(|| PlanError::InvalidLogBytes {
+                container: container.name.clone(),
+                value: (*value).to_owned(),
+            })?,
+    };
     let flags = entrypoint_flags(&container.args.clone().unwrap_or_default());
     let on_error = match flags.get("on_error").map(String::as_str) {
         Some("continue") => OnError::Continue,
@@ -244,6 +274,7 @@ fn step_plan(container_index: usize, container: &Container) -> Result<StepPlan, 
         exit_code,
         duration,
         log,
+        filler_log_bytes,
         on_error,
         timeout,
     })
@@ -423,6 +454,7 @@ mod tests {
                     (EXIT_CODE_ENV, "3"),
                     (DURATION_ENV, "2500"),
                     (LOG_ENV, "hello\n"),
+                    (LOG_BYTES_ENV, "104857600"),
                 ],
                 &["-on_error", "continue", "-timeout", "1m0s", "--"],
             ),
@@ -443,6 +475,7 @@ mod tests {
                     exit_code: 0,
                     duration: DEFAULT_STEP_DURATION,
                     log: String::new(),
+                    filler_log_bytes: 0,
                     on_error: OnError::StopAndFail,
                     timeout: None,
                 },
@@ -451,6 +484,7 @@ mod tests {
                     exit_code: 3,
                     duration: Duration::from_millis(2500),
                     log: "hello\n".to_owned(),
+                    filler_log_bytes: 100 << 20,
                     on_error: OnError::Continue,
                     timeout: Some(Duration::from_secs(60)),
                 },
@@ -481,6 +515,20 @@ mod tests {
                 PlanError::InvalidDuration {
                     container: "step-a".to_owned(),
                     value: "1s".to_owned(),
+                },
+            ),
+            (
+                pod(vec![step("step-a", &[(LOG_BYTES_ENV, "-1")], &[])]),
+                PlanError::InvalidLogBytes {
+                    container: "step-a".to_owned(),
+                    value: "-1".to_owned(),
+                },
+            ),
+            (
+                pod(vec![step("step-a", &[(LOG_BYTES_ENV, "1073741825")], &[])]),
+                PlanError::InvalidLogBytes {
+                    container: "step-a".to_owned(),
+                    value: "1073741825".to_owned(),
                 },
             ),
             (

@@ -242,7 +242,19 @@ impl PodTask {
             for message in verdict.entrypoint_messages() {
                 log.push_str(&cri_log(now, Stream::Stderr, &go_log_line(now, message)));
             }
-            if !log.is_empty() {
+            if verdict.command_ran() && step.filler_log_bytes > 0 {
+                self.shared
+                    .files
+                    .write_with_filler(
+                        &self.namespace,
+                        &self.name,
+                        &container,
+                        now,
+                        step.filler_log_bytes,
+                        log,
+                    )
+                    .await?;
+            } else if !log.is_empty() {
                 self.shared
                     .files
                     .write(&self.namespace, &self.name, &container, &log)

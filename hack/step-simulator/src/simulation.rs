@@ -850,6 +850,7 @@ mod tests {
             exit_code,
             duration: Duration::from_secs(1),
             log: String::new(),
+            filler_log_bytes: 0,
             on_error,
             timeout: None,
         }
