@@ -127,6 +127,30 @@ fn assert_events_well_formed(events: &[cloudevents::Event], uid: &str, ns: &str,
     }
 }
 
+/// For a TaskRun `tr` ended by its run (timeout, cancel): the expected
+/// events arrived in order, well formed, the ledger records them all, and
+/// the run ended for `reason`.
+async fn assert_run_ended(
+    client: &kube::Client,
+    ns: &TestNamespace,
+    uid: &str,
+    received: &Received,
+    observer: &Observer,
+    expected: &[(&str, &str)],
+    reason: &str,
+) {
+    let events = received.wait_for_count(uid, expected.len()).await;
+    assert_eq!(
+        summary(&events),
+        expect(expected),
+        "{}",
+        observer.log_text()
+    );
+    let taskrun = wait_for_ledger(client, &ns.name, "tr", expected.len()).await;
+    assert_eq!(taskrun["status"]["conditions"][0]["reason"], reason);
+    assert_events_well_formed(&events, uid, &ns.name, "tr");
+}
+
 fn log_of(event: &cloudevents::Event) -> Option<String> {
     data(event)["log"].as_str().map(str::to_owned)
 }
@@ -279,19 +303,16 @@ async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
         ("slow", "failed"),
         ("never", "skipped"),
     ];
-    let events = received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(&expected),
-        "{}",
-        observer.log_text()
-    );
-    let taskrun = wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
-    assert_eq!(
-        taskrun["status"]["conditions"][0]["reason"],
-        "TaskRunTimeout"
-    );
-    assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    assert_run_ended(
+        &client,
+        &ns,
+        &uid,
+        &received,
+        &observer,
+        &expected,
+        "TaskRunTimeout",
+    )
+    .await;
     capture_fixture(&client, &ns.name, "tr", "timeout").await;
 }
 
@@ -326,19 +347,16 @@ async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
         ("long", "failed"),
         ("after", "skipped"),
     ];
-    let events = received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(&expected),
-        "{}",
-        observer.log_text()
-    );
-    let taskrun = wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
-    assert_eq!(
-        taskrun["status"]["conditions"][0]["reason"],
-        "TaskRunCancelled"
-    );
-    assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    assert_run_ended(
+        &client,
+        &ns,
+        &uid,
+        &received,
+        &observer,
+        &expected,
+        "TaskRunCancelled",
+    )
+    .await;
     capture_fixture(&client, &ns.name, "tr", "cancel").await;
 }
 
