@@ -17,6 +17,33 @@ use support::*;
 
 const PREFIX: &str = "dev.tekton.event.plugin.step";
 
+/// One test's namespace, receiver and observer (watching that namespace,
+/// sending to that receiver, plus `extra` flags).
+struct Harness {
+    client: kube::Client,
+    ns: TestNamespace,
+    received: Received,
+    observer: Observer,
+}
+
+impl Harness {
+    async fn start(test: &str, extra: &[&str]) -> Self {
+        let client = client().await;
+        let ns = TestNamespace::create(&client, test).await;
+        let (addr, received) = start_receiver().await;
+        let sink = format!("http://{addr}/");
+        let mut args = vec!["--namespace", &ns.name, "--sink", &sink];
+        args.extend_from_slice(extra);
+        let observer = Observer::start(test, &args, None).await;
+        Harness {
+            client,
+            ns,
+            received,
+            observer,
+        }
+    }
+}
+
 /// Runs one TaskRun against a fresh observer and receiver; returns the
 /// events it got (after waiting for `expected.len()` of them and for the
 /// ledger to record them all) and the finished TaskRun.
@@ -25,11 +52,12 @@ async fn run_case(
     steps: &[Step],
     expected: &[(&str, &str)],
 ) -> (Vec<cloudevents::Event>, serde_json::Value, Observer) {
-    let client = client().await;
-    let ns = TestNamespace::create(&client, test).await;
-    let (addr, received) = start_receiver().await;
-    let sink = format!("http://{addr}/");
-    let observer = Observer::start(test, &["--namespace", &ns.name, "--sink", &sink], None).await;
+    let Harness {
+        client,
+        ns,
+        received,
+        observer,
+    } = Harness::start(test, &[]).await;
     let uid = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "tr", steps, None)).await;
     let events = received.wait_for_count(&uid, expected.len()).await;
     let taskrun = wait_for_ledger(&client, &ns.name, "tr", expected.len()).await;
@@ -283,12 +311,12 @@ async fn on_error_continue_fails_the_step_and_runs_the_next() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
-    let client = client().await;
-    let ns = TestNamespace::create(&client, "timeout").await;
-    let (addr, received) = start_receiver().await;
-    let sink = format!("http://{addr}/");
-    let observer =
-        Observer::start("timeout", &["--namespace", &ns.name, "--sink", &sink], None).await;
+    let Harness {
+        client,
+        ns,
+        received,
+        observer,
+    } = Harness::start("timeout", &[]).await;
     let steps = [ok("quick"), ok("slow").lasting(120_000), ok("never")];
     let uid = create_taskrun(
         &client,
@@ -318,12 +346,12 @@ async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
-    let client = client().await;
-    let ns = TestNamespace::create(&client, "cancel").await;
-    let (addr, received) = start_receiver().await;
-    let sink = format!("http://{addr}/");
-    let observer =
-        Observer::start("cancel", &["--namespace", &ns.name, "--sink", &sink], None).await;
+    let Harness {
+        client,
+        ns,
+        received,
+        observer,
+    } = Harness::start("cancel", &[]).await;
     let steps = [ok("first"), ok("long").lasting(120_000), ok("after")];
     let uid = create_taskrun(
         &client,
@@ -362,23 +390,12 @@ async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn v1beta1_taskruns_are_read_through_v1beta1() {
-    let client = client().await;
-    let ns = TestNamespace::create(&client, "v1beta1").await;
-    let (addr, received) = start_receiver().await;
-    let sink = format!("http://{addr}/");
-    let observer = Observer::start(
-        "v1beta1",
-        &[
-            "--namespace",
-            &ns.name,
-            "--sink",
-            &sink,
-            "--tekton-api-version",
-            "v1beta1",
-        ],
-        None,
-    )
-    .await;
+    let Harness {
+        client,
+        ns,
+        received,
+        observer,
+    } = Harness::start("v1beta1", &["--tekton-api-version", "v1beta1"]).await;
     let uid = create_taskrun(
         &client,
         &ns.name,
