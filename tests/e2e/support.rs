@@ -35,20 +35,14 @@ pub async fn client() -> Client {
 }
 
 /// Waits until `check` returns Some, or panics with `what` at the deadline.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() > until {
-            panic!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(POLL).await;
+    match try_wait_for(deadline, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {deadline:?} waiting for {what}"),
     }
 }
 
