@@ -1,6 +1,6 @@
 //! End-to-end tests: the real observer binary against the local cluster
-//! (real kube-apiserver, real Tekton controller and webhook, kwok node, step
-//! simulator). Run by `make test` through `hack/e2e`, inside the cluster's
+//! (real kube-apiserver, real Tekton controller and webhook, kwok node, and
+//! Tekton's real entrypoint in every pod, run by the node agent). Run by `make test` through `hack/e2e`, inside the cluster's
 //! loopback-only network namespace.
 
 // Shared with the fault suites (tests/faults_*.rs); each test crate uses a part.
@@ -8,6 +8,8 @@
 mod support;
 #[allow(dead_code, reason = "shared by several test crates")]
 mod workload;
+
+mod real_entrypoint;
 
 use std::collections::HashSet;
 

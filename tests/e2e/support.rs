@@ -216,6 +216,14 @@ pub async fn get_taskrun(client: &Client, namespace: &str, name: &str) -> Value 
     serde_json::to_value(api.get(name).await.expect("get TaskRun")).unwrap()
 }
 
+/// Reads a TaskRun as JSON (v1), if it exists.
+pub async fn get_taskrun_opt(client: &Client, namespace: &str, name: &str) -> Option<Value> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &taskrun_resource("v1"));
+    let found = api.get_opt(name).await.expect("get TaskRun")?;
+    Some(serde_json::to_value(found).unwrap())
+}
+
 /// Merge-patches a TaskRun's spec (e.g. to cancel it).
 pub async fn patch_taskrun(client: &Client, namespace: &str, name: &str, patch: Value) {
     let api: Api<DynamicObject> =

@@ -1,6 +1,6 @@
 //! The command line that runs one container as a sandboxed process, with Debian's
-//! `setpriv` (drop to an unprivileged user) and `bubblewrap` (new user, PID, IPC and UTS
-//! namespaces and a private mount namespace). The network namespace is inherited: the
+//! `bubblewrap` (new PID, IPC, UTS and cgroup namespaces and a private mount namespace)
+//! and `setpriv` (drop to an unprivileged user without capabilities). The network namespace is inherited: the
 //! cluster's, which has nothing but loopback. Pure: the caller creates the host paths.
 //!
 //! The root file system is a fresh tmpfs holding the host's system folders read-only (the
@@ -64,22 +64,24 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// The program to run and its arguments: `setpriv … -- bwrap … -- command…`.
+    /// The program to run and its arguments:
+    /// `setpriv --pdeathsig KILL -- bwrap … -- setpriv --reuid … -- command…`.
+    ///
+    /// NB: bwrap runs as root, without a user namespace, as a container runtime does: it
+    /// must read the bound host paths (the binary cache lives under `/root`), and an
+    /// unprivileged bwrap could not. Inside, `setpriv` drops to the container's user with
+    /// no capabilities at all and `no_new_privs` before it runs the command.
     pub fn command_line(&self) -> (OsString, Vec<OsString>) {
         let (uid, gid) = self.user;
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
         push(&[
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            "--clear-groups",
             // NB: if the agent dies, its containers die with it, as nothing else could
             // report their end.
             "--pdeathsig",
             "KILL",
             "--",
             "bwrap",
-            "--unshare-user",
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
@@ -87,6 +89,8 @@ impl Sandbox {
             "--die-with-parent",
             "--new-session",
             "--as-pid-1",
+            "--cap-add",
+            "CAP_SETUID,CAP_SETGID",
             "--hostname",
             &self.hostname,
         ]);
@@ -110,7 +114,24 @@ impl Sandbox {
                 .iter()
                 .map(OsString::from),
         );
+        let mut made: Vec<String> = Vec::new();
+        let mut make_parents = |args: &mut Vec<OsString>, path: &str| {
+            // bwrap would make missing parents 0700, which the container's user could not
+            // enter.
+            for parent in ancestors(path) {
+                if !made.contains(&parent) && !self.image_covers(&parent) {
+                    args.extend([
+                        "--perms".into(),
+                        FOLDER_PERMS.into(),
+                        "--dir".into(),
+                        parent.clone().into(),
+                    ]);
+                    made.push(parent);
+                }
+            }
+        };
         for bind in &self.binds {
+            make_parents(&mut args, &bind.target);
             let flag = if bind.read_only {
                 "--ro-bind"
             } else {
@@ -122,9 +143,11 @@ impl Sandbox {
                 bind.target.clone().into(),
             ]);
         }
+        make_parents(
+            &mut args,
+            &format!("{}/.", self.working_dir.trim_end_matches('/')),
+        );
         args.extend([
-            "--dir".into(),
-            self.working_dir.clone().into(),
             "--chdir".into(),
             self.working_dir.clone().into(),
             "--clearenv".into(),
@@ -132,10 +155,53 @@ impl Sandbox {
         for (name, value) in &self.env {
             args.extend(["--setenv".into(), name.into(), value.into()]);
         }
-        args.push("--".into());
+        push_all(
+            &mut args,
+            &[
+                "--",
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--no-new-privs",
+                "--",
+            ],
+        );
         args.extend(self.command.iter().map(OsString::from));
         ("setpriv".into(), args)
     }
+
+    /// Whether a path lies in a folder of the image (read-only, already there).
+    fn image_covers(&self, path: &str) -> bool {
+        let top = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        path == "/"
+            || self.image.iter().any(|entry| match entry {
+                HostEntry::Folder(name) | HostEntry::Link { name, .. } => name == top,
+            })
+            || ["dev", "proc", "tmp"].contains(&top)
+    }
+}
+
+/// Mode of the folders made for mount points and the working directory, as runtimes
+/// make them.
+const FOLDER_PERMS: &str = "0755";
+
+fn push_all(args: &mut Vec<OsString>, items: &[&str]) {
+    args.extend(items.iter().map(OsString::from));
+}
+
+/// The proper ancestors of an absolute path, outermost first (`/a/b/c` → `/a`, `/a/b`).
+fn ancestors(path: &str) -> Vec<String> {
+    let parts: Vec<&str> = path.split('/').filter(|part| !part.is_empty()).collect();
+    (1..parts.len())
+        .map(|depth| format!("/{}", parts[..depth].join("/")))
+        .collect()
 }
 
 /// The host's image folders, as found under `root` (normally `/`).
@@ -200,20 +266,36 @@ mod tests {
         assert_eq!(program, "setpriv");
         let joined = args.join(" ");
         assert!(
-            joined.starts_with("--reuid=65532 --regid=65532 --clear-groups --pdeathsig KILL -- bwrap --unshare-user --unshare-pid"),
+            joined.starts_with("--pdeathsig KILL -- bwrap --unshare-pid"),
             "{joined}"
         );
         assert!(
             joined.contains(
                 "--ro-bind /usr /usr --symlink usr/bin /bin --dev /dev --proc /proc --tmpfs /tmp \
+                 --perms 0755 --dir /tekton \
                  --bind /state/pod/volumes/tekton-internal-bin /tekton/bin \
+                 --perms 0755 --dir /ko-app \
                  --ro-bind /cache/entrypoint /ko-app/entrypoint \
-                 --dir /workspace --chdir /workspace --clearenv --setenv PATH "
+                 --perms 0755 --dir /workspace \
+                 --chdir /workspace --clearenv --setenv PATH "
             ),
             "{joined}"
         );
-        assert!(joined.ends_with("-- /ko-app/entrypoint init"), "{joined}");
+        assert!(
+            joined.ends_with(
+                "-- setpriv --reuid=65532 --regid=65532 --clear-groups --inh-caps=-all \
+                 --bounding-set=-all --no-new-privs -- /ko-app/entrypoint init"
+            ),
+            "{joined}"
+        );
         assert!(!joined.contains("--share-net"), "{joined}");
+    }
+
+    #[test]
+    fn ancestors_outermost_first() {
+        assert_eq!(ancestors("/a/b/c"), vec!["/a", "/a/b"]);
+        assert_eq!(ancestors("/a"), Vec::<String>::new());
+        assert_eq!(ancestors("/workspace/."), vec!["/workspace"]);
     }
 
     #[test]

@@ -1,0 +1,570 @@
+//! Tekton behaviours that only Tekton's own entrypoint produces: every case
+//! here runs real scripts under the real entrypoint on the node agent
+//! (hack/node-agent), and asserts the exact events an independent receiver
+//! gets. Cases the observer does not handle yet are marked expected-to-fail
+//! with the issue that fixes them; such a case fails loudly once it passes,
+//! so its marker cannot outlive the fix.
+
+use cloudevents::AttributesReader;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+use crate::support::*;
+use crate::{Harness, PREFIX, assert_events_well_formed, wait_for_ledger};
+
+/// The annotation that makes the node agent kill a container as the OOM
+/// killer would (hack/node-agent/README.md).
+const OOM_KILL_ANNOTATION: &str = "node-agent.tekton-step-observer.dev/oom-kill";
+/// The annotation that makes the node agent evict the pod.
+const EVICT_ANNOTATION: &str = "node-agent.tekton-step-observer.dev/evict";
+/// A node selector no node matches: the pod stays Pending, unschedulable.
+const NO_SUCH_NODE_LABEL: &str = "tekton-step-observer.dev/no-such-node";
+
+/// Runs `case`, which must fail until `issue` lands. Passing is an error too:
+/// the marker must go with the fix.
+async fn expected_to_fail_until(issue: &str, case: impl Future<Output = ()> + Send + 'static) {
+    match tokio::spawn(case).await {
+        Ok(()) => panic!("this case passes now: remove its expected-to-fail marker ({issue})"),
+        Err(error) if error.is_panic() => {
+            eprintln!("expected failure until {issue} lands: {error}");
+        }
+        Err(error) => panic!("the case did not finish: {error}"),
+    }
+}
+
+/// A step that runs `script` in the host's shell.
+fn step(name: &str, script: &str) -> Value {
+    json!({"name": name, "image": "busybox", "script": script})
+}
+
+/// A v1 TaskRun named `tr` with an inline Task spec.
+fn taskrun(task_spec: Value) -> Value {
+    json!({
+        "apiVersion": "tekton.dev/v1",
+        "kind": "TaskRun",
+        "metadata": {"name": "tr"},
+        "spec": {"taskSpec": task_spec},
+    })
+}
+
+/// Creates `manifest` as TaskRun `tr`, waits for `expected` events and for
+/// the ledger to record them, and checks them: order, ids, data, schemas,
+/// no duplicates. Returns the events and the finished TaskRun.
+async fn run_taskrun(
+    harness: &Harness,
+    manifest: Value,
+    expected: &[(&str, &str)],
+) -> (Vec<cloudevents::Event>, Value) {
+    let Harness {
+        client,
+        ns,
+        received,
+        observer,
+    } = harness;
+    let uid = create_taskrun(client, &ns.name, manifest).await;
+    let events = received.wait_for_count(&uid, expected.len()).await;
+    assert_eq!(
+        summary(&events),
+        expect(expected),
+        "events in order; observer log:\n{}",
+        observer.log_text()
+    );
+    let taskrun = wait_for_ledger(client, &ns.name, "tr", expected.len()).await;
+    assert_events_well_formed(&events, &uid, &ns.name, "tr");
+    let finished = wait_finished(client, &ns.name, "tr").await;
+    assert_eq!(
+        received.for_taskrun(&uid).len(),
+        expected.len(),
+        "no event arrives twice"
+    );
+    let _ = taskrun;
+    (events, finished)
+}
+
+fn log_of(event: &cloudevents::Event) -> String {
+    data(event)["log"].as_str().unwrap_or_default().to_owned()
+}
+
+fn succeeded_reason(taskrun: &Value) -> String {
+    taskrun["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Succeeded")
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["status"].as_str().unwrap_or_default(),
+                c["reason"].as_str().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_run_for_real_and_their_output_is_the_log() {
+    let harness = Harness::start("real-script", &[]).await;
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [
+            step("greet", "#!/bin/sh\necho \"hello from $(id -u)\"\necho to-stderr >&2"),
+            step("count", "#!/bin/sh\nfor i in 1 2 3; do echo line $i; done\nexit 4"),
+        ]})),
+        &[
+            ("greet", "started"),
+            ("greet", "succeeded"),
+            ("count", "started"),
+            ("count", "failed"),
+        ],
+    )
+    .await;
+    // The unprivileged user of the sandbox, not root.
+    assert_eq!(log_of(&events[1]), "hello from 65532\nto-stderr\n");
+    assert_eq!(log_of(&events[3]), "line 1\nline 2\nline 3\n");
+    assert_eq!(data(&events[3])["stepState"]["terminated"]["exitCode"], 4);
+    assert_eq!(succeeded_reason(&taskrun), "False/Failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_cannot_reach_beyond_loopback() {
+    let harness = Harness::start("no-network", &[]).await;
+    // 192.0.2.1 is TEST-NET-1 (RFC 5737): documentation only, never routed.
+    // In the cluster's namespace there is no route at all, so the connect
+    // fails at once without a packet leaving.
+    let (events, _) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [step(
+            "dial",
+            "#!/bin/bash\nif timeout 5 bash -c 'exec 3<>/dev/tcp/192.0.2.1/80' 2>/dev/null; then echo reached; exit 0; else echo unreachable; exit 1; fi",
+        )]})),
+        &[("dial", "started"), ("dial", "failed")],
+    )
+    .await;
+    assert_eq!(log_of(&events[1]), "unreachable\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_timeout_fails_that_step_and_skips_the_rest() {
+    let harness = Harness::start("step-timeout", &[]).await;
+    let mut slow = step("slow", "#!/bin/sh\necho begun\nsleep 60");
+    slow["timeout"] = json!("2s");
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [slow, step("after", "echo after")]})),
+        &[
+            ("slow", "started"),
+            ("slow", "failed"),
+            ("after", "skipped"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        data(&events[1])["stepState"]["terminationReason"],
+        "TimeoutExceeded"
+    );
+    assert_eq!(log_of(&events[1]), "begun\n");
+    assert_eq!(succeeded_reason(&taskrun), "False/Failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_error_continue_runs_the_next_step_for_real() {
+    let harness = Harness::start("real-continue", &[]).await;
+    let mut lint = step("lint", "#!/bin/sh\necho lint failed\nexit 3");
+    lint["onError"] = json!("continue");
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [lint, step("test", "echo tested")]})),
+        &[
+            ("lint", "started"),
+            ("lint", "failed"),
+            ("test", "started"),
+            ("test", "succeeded"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        data(&events[1])["stepState"]["terminationReason"],
+        "Continued"
+    );
+    assert_eq!(data(&events[1])["stepState"]["terminated"]["exitCode"], 3);
+    assert_eq!(log_of(&events[3]), "tested\n");
+    assert_eq!(succeeded_reason(&taskrun), "True/Succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_written_by_a_step_reach_a_later_step() {
+    let harness = Harness::start("step-results", &[]).await;
+    let mut write = step(
+        "write",
+        "#!/bin/sh\nprintf hello > $(step.results.word.path)",
+    );
+    write["results"] = json!([{"name": "word"}]);
+    let mut read = step(
+        "read",
+        "#!/bin/sh\necho \"got $WORD and $(cat $(results.greeting.path))\"\ntest \"$WORD\" = hello",
+    );
+    read["env"] = json!([{"name": "WORD", "value": "$(steps.write.results.word)"}]);
+    let greet = step("greet", "#!/bin/sh\nprintf hi > $(results.greeting.path)");
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({
+            "results": [{"name": "greeting"}],
+            "steps": [write, greet, read],
+        })),
+        &[
+            ("write", "started"),
+            ("write", "succeeded"),
+            ("greet", "started"),
+            ("greet", "succeeded"),
+            ("read", "started"),
+            ("read", "succeeded"),
+        ],
+    )
+    .await;
+    assert_eq!(log_of(&events[5]), "got hello and hi\n");
+    let results = taskrun["status"]["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        results
+            .iter()
+            .any(|r| r["name"] == "greeting" && r["value"] == "hi"),
+        "the Task result comes from the termination message: {results:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_action_runs_as_a_step() {
+    let harness = Harness::start("step-action", &[]).await;
+    let step_actions = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tekton.dev", "v1beta1", "StepAction"),
+        "stepactions",
+    );
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(harness.client.clone(), &harness.ns.name, &step_actions);
+    let action: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "tekton.dev/v1beta1",
+        "kind": "StepAction",
+        "metadata": {"name": "say"},
+        "spec": {"image": "busybox", "script": "#!/bin/sh\necho from the step action"},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &action)
+        .await
+        .expect("create StepAction");
+    let (events, _) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [
+            {"name": "action", "ref": {"name": "say"}},
+            step("after", "echo after"),
+        ]})),
+        &[
+            ("action", "started"),
+            ("action", "succeeded"),
+            ("after", "started"),
+            ("after", "succeeded"),
+        ],
+    )
+    .await;
+    assert_eq!(log_of(&events[1]), "from the step action\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_runs_beside_the_steps_and_gets_no_events() {
+    let harness = Harness::start("sidecar", &[]).await;
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({
+            "sidecars": [{"name": "server", "image": "busybox",
+                          "script": "#!/bin/sh\necho serving\nwhile true; do sleep 1; done"}],
+            "steps": [step("use", "#!/bin/sh\nsleep 1\necho used")],
+        })),
+        &[("use", "started"), ("use", "succeeded")],
+    )
+    .await;
+    assert_eq!(log_of(&events[1]), "used\n");
+    assert_eq!(succeeded_reason(&taskrun), "True/Succeeded");
+    let sidecars = taskrun["status"]["sidecars"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        sidecars
+            .iter()
+            .any(|s| s["name"] == "server" && s["terminated"].is_object()),
+        "Tekton stopped the sidecar: {sidecars:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_while_the_second_step_runs() {
+    let harness = Harness::start("real-cancel", &[]).await;
+    let uid = create_taskrun(
+        &harness.client,
+        &harness.ns.name,
+        taskrun(json!({"steps": [
+            step("first", "echo first"),
+            step("long", "#!/bin/sh\necho waiting\nsleep 120"),
+            step("after", "echo after"),
+        ]})),
+    )
+    .await;
+    harness.received.wait_for_count(&uid, 3).await;
+    patch_taskrun(
+        &harness.client,
+        &harness.ns.name,
+        "tr",
+        json!({"spec": {"status": "TaskRunCancelled"}}),
+    )
+    .await;
+    let expected = [
+        ("first", "started"),
+        ("first", "succeeded"),
+        ("long", "started"),
+        ("long", "failed"),
+        ("after", "skipped"),
+    ];
+    let events = harness.received.wait_for_count(&uid, expected.len()).await;
+    assert_eq!(
+        summary(&events),
+        expect(&expected),
+        "{}",
+        harness.observer.log_text()
+    );
+    let taskrun = wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
+    assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
+    assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oom_killed_step_fails_and_the_rest_skip() {
+    let harness = Harness::start("oom", &[]).await;
+    let mut manifest = taskrun(json!({"steps": [
+        step("warm", "echo warm"),
+        step("grow", "#!/bin/sh\necho growing\nsleep 60"),
+        step("never", "echo never"),
+    ]}));
+    manifest["metadata"]["annotations"] = json!({OOM_KILL_ANNOTATION: "step-grow"});
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        manifest,
+        &[
+            ("warm", "started"),
+            ("warm", "succeeded"),
+            ("grow", "started"),
+            ("grow", "failed"),
+            ("never", "skipped"),
+        ],
+    )
+    .await;
+    let grow = data(&events[3]);
+    assert_eq!(grow["stepState"]["terminated"]["reason"], "OOMKilled");
+    assert_eq!(grow["stepState"]["terminated"]["exitCode"], 137);
+    assert!(
+        succeeded_reason(&taskrun).starts_with("False/"),
+        "{taskrun}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evicted_pod_fails_the_running_step_and_skips_the_rest() {
+    let harness = Harness::start("evicted", &[]).await;
+    let mut manifest = taskrun(json!({"steps": [
+        step("work", "#!/bin/sh\necho working\nsleep 60"),
+        step("after", "echo after"),
+    ]}));
+    manifest["metadata"]["annotations"] =
+        json!({EVICT_ANNOTATION: "The node was low on resource: memory."});
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        manifest,
+        &[
+            ("work", "started"),
+            ("work", "failed"),
+            ("after", "skipped"),
+        ],
+    )
+    .await;
+    assert!(
+        succeeded_reason(&taskrun).starts_with("False/"),
+        "{taskrun}"
+    );
+    assert!(
+        data(&events[1])["reason"].is_string(),
+        "{:?}",
+        data(&events[1])
+    );
+}
+
+/// A step-level `when` that is false: Tekton's entrypoint skips that step
+/// alone (exit 0, terminationReason Skipped) and the next step runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn step_when_false_skips_that_step_alone() {
+    expected_to_fail_until("issue 9", async {
+        let harness = Harness::start("step-when", &[]).await;
+        let mut gated = step("gated", "echo never");
+        gated["when"] = json!([{"input": "a", "operator": "in", "values": ["b"]}]);
+        let (events, taskrun) = run_taskrun(
+            &harness,
+            taskrun(
+                json!({"steps": [step("first", "echo first"), gated, step("last", "echo last")]}),
+            ),
+            &[
+                ("first", "started"),
+                ("first", "succeeded"),
+                ("gated", "skipped"),
+                ("last", "started"),
+                ("last", "succeeded"),
+            ],
+        )
+        .await;
+        assert_eq!(log_of(&events[4]), "last\n");
+        assert_eq!(succeeded_reason(&taskrun), "True/Succeeded");
+    })
+    .await;
+}
+
+/// The first step's image cannot be pulled: no step ever started, so each
+/// gets one `skipped` and no `started`.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_pull_failure_on_the_first_step_skips_every_step() {
+    expected_to_fail_until("issue 9", async {
+        let harness = Harness::start("image-pull", &[]).await;
+        let mut pull = step("pull", "echo never");
+        pull["image"] = json!("registry.invalid/tools:1");
+        let (events, taskrun) = run_taskrun(
+            &harness,
+            taskrun(json!({"steps": [pull, step("after", "echo after")]})),
+            &[("pull", "skipped"), ("after", "skipped")],
+        )
+        .await;
+        assert_eq!(succeeded_reason(&taskrun), "False/TaskRunImagePullFailed");
+        assert_eq!(data(&events[0])["reason"], "TaskRunImagePullFailed");
+    })
+    .await;
+}
+
+/// Cancelled while its pod is still Pending (unschedulable): no step ever
+/// started.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_while_the_pod_is_pending_skips_every_step() {
+    expected_to_fail_until("issue 9", async {
+        let harness = Harness::start("cancel-pending", &[]).await;
+        let mut manifest = taskrun(json!({"steps": [step("a", "echo a"), step("b", "echo b")]}));
+        manifest["spec"]["podTemplate"] = json!({"nodeSelector": {NO_SUCH_NODE_LABEL: "true"}});
+        let uid = create_taskrun(&harness.client, &harness.ns.name, manifest).await;
+        let pods: Api<Pod> = Api::namespaced(harness.client.clone(), &harness.ns.name);
+        wait_for(
+            "the TaskRun's pod to exist (Pending)",
+            EVENT_DEADLINE,
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels("tekton.dev/taskRun=tr"))
+                    .await
+                    .ok()?;
+                (!list.items.is_empty()).then_some(())
+            },
+        )
+        .await;
+        patch_taskrun(
+            &harness.client,
+            &harness.ns.name,
+            "tr",
+            json!({"spec": {"status": "TaskRunCancelled"}}),
+        )
+        .await;
+        let expected = [("a", "skipped"), ("b", "skipped")];
+        let events = harness.received.wait_for_count(&uid, expected.len()).await;
+        assert_eq!(
+            summary(&events),
+            expect(&expected),
+            "{}",
+            harness.observer.log_text()
+        );
+        let taskrun =
+            wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
+        assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
+        assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+    })
+    .await;
+}
+
+/// A PipelineTask with `retries: 2` that fails twice, then succeeds: Tekton
+/// retries the TaskRun in place, and every attempt's step gets its events.
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_give_every_attempt_its_own_events() {
+    expected_to_fail_until("issue 9", async {
+        let harness = Harness::start("retries", &[]).await;
+        let pipeline_runs = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("tekton.dev", "v1", "PipelineRun"),
+            "pipelineruns",
+        );
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(harness.client.clone(), &harness.ns.name, &pipeline_runs);
+        let run: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "tekton.dev/v1",
+            "kind": "PipelineRun",
+            "metadata": {"name": "pr"},
+            "spec": {"pipelineSpec": {"tasks": [{
+                "name": "build",
+                "retries": 2,
+                "taskSpec": {"steps": [step(
+                    "compile",
+                    "#!/bin/sh\necho attempt $(context.task.retry-count)\ntest $(context.task.retry-count) -ge 2",
+                )]},
+            }]}},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &run)
+            .await
+            .expect("create PipelineRun");
+        let uid = wait_for("the PipelineRun's TaskRun", EVENT_DEADLINE, || async {
+            let tr = get_taskrun_opt(&harness.client, &harness.ns.name, "pr-build").await?;
+            tr["metadata"]["uid"].as_str().map(str::to_owned)
+        })
+        .await;
+        let expected = [
+            ("compile", "started"),
+            ("compile", "failed"),
+            ("compile", "started"),
+            ("compile", "failed"),
+            ("compile", "started"),
+            ("compile", "succeeded"),
+        ];
+        let events = harness.received.wait_for_count(&uid, expected.len()).await;
+        assert_eq!(summary(&events), expect(&expected), "{}", harness.observer.log_text());
+        let ids: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+        let want: Vec<String> = [
+            "started",
+            "failed",
+            "started-attempt-1",
+            "failed-attempt-1",
+            "started-attempt-2",
+            "succeeded-attempt-2",
+        ]
+        .iter()
+        .map(|suffix| {
+            let (kind, attempt) = suffix.split_once('-').unwrap_or((suffix, ""));
+            let ty = format!("{PREFIX}.{kind}.v1");
+            if attempt.is_empty() {
+                format!("{uid}-compile-{ty}")
+            } else {
+                format!("{uid}-compile-{ty}-{attempt}")
+            }
+        })
+        .collect();
+        assert_eq!(ids, want);
+        for (index, event) in events.iter().enumerate() {
+            let attempt = index / 2;
+            assert_eq!(data(event)["attempt"], attempt, "{index}");
+            if index % 2 == 1 {
+                assert_eq!(log_of(event), format!("attempt {attempt}\n"));
+                assert!(data(event)["podRef"]["name"].is_string());
+            }
+        }
+    })
+    .await;
+}
