@@ -1,11 +1,12 @@
 # The one entry point. CI runs the same targets a person does.
 #   make demo   local cluster + observer + display sink + a sample TaskRun
 #   make test   fmt, clippy, unit tests, then the end-to-end suite on the local cluster
+#   make test-matrix   the end-to-end suite once per pinned Tekton version
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build fmt fmt-check lint unit e2e test demo bench cluster-up cluster-down tools fuzz
+.PHONY: all build fmt fmt-check lint unit e2e test test-matrix demo bench cluster-up cluster-down tools fuzz
 
 all: build
 
@@ -33,6 +34,32 @@ e2e: tools
 	hack/e2e
 
 test: fmt-check lint unit e2e
+
+# hack/e2e once per pinned Tekton version (the newest, hack/tekton-latest, and
+# the LTS, hack/tekton-lts), each on a fresh cluster of its own in
+# MATRIX_CLUSTER_DIR/<version> (its logs stay there); a cluster running in
+# .cluster is neither used nor disturbed. A failing version does not stop the
+# next; one summary line per version at the end, non-zero exit if any failed.
+# `make test-matrix TEKTON_VERSIONS=v1.9.2` runs just one.
+TEKTON_VERSIONS ?= $(foreach d,tekton-latest tekton-lts,$(shell cd hack/$(d) && go list -m -f '{{.Version}}' github.com/tektoncd/pipeline))
+MATRIX_CLUSTER_DIR ?= $(CURDIR)/.cluster/matrix
+
+test-matrix: tools
+	versions="$(strip $(TEKTON_VERSIONS))"; \
+	[[ -n $$versions ]] || { echo "test-matrix: no Tekton versions (go list failed?)" >&2; exit 1; }; \
+	summary=(); failed=0; \
+	for v in $$versions; do \
+	  echo ">> test-matrix: end-to-end suite with Tekton $$v" >&2; \
+	  start=$$SECONDS; \
+	  if TEKTON_VERSION=$$v TSO_CLUSTER_DIR="$(MATRIX_CLUSTER_DIR)/$$v" hack/e2e; then \
+	    result=passed; \
+	  else \
+	    result="FAILED (exit $$?)"; failed=1; \
+	  fi; \
+	  summary+=("test-matrix: Tekton $$v: $$result in $$((SECONDS - start))s (cluster logs: $(MATRIX_CLUSTER_DIR)/$$v/logs)"); \
+	done; \
+	printf '%s\n' "$${summary[@]}"; \
+	exit $$failed
 
 demo: tools
 	hack/demo

@@ -950,12 +950,13 @@ async fn restart_component(component: &'static str) -> Restart {
     }
 }
 
-/// How many pods the cluster's step simulator has given up on so far
-/// (`simulation stopped` in its log).
-fn simulator_gave_up() -> usize {
-    std::fs::read_to_string(cluster_dir().join("logs/step-simulator.log"))
+/// How many status writes the cluster's node agent has had to retry so far
+/// (`cannot write the pod's status` in its log). It retries until the write
+/// lands, as a kubelet does, so an outage delays pod statuses but loses none.
+fn node_agent_status_retries() -> usize {
+    std::fs::read_to_string(cluster_dir().join("logs/node-agent.log"))
         .unwrap_or_default()
-        .matches("simulation stopped")
+        .matches("cannot write the pod's status")
         .count()
 }
 
@@ -1017,7 +1018,7 @@ async fn component_restart_case(case: &str, component: &'static str) {
     let create = create_spread_tolerant(&client, &ns.name, &plan, SPREAD);
     let fault = async {
         tokio::time::sleep_until(workload_start + restart_after).await;
-        let gave_up_before = simulator_gave_up();
+        let retries_before = node_agent_status_retries();
         let restart = restart_component(component).await;
         eprintln!(
             "restarted {component} at {:?}: {} (ready after {:?})",
@@ -1025,15 +1026,9 @@ async fn component_restart_case(case: &str, component: &'static str) {
             restart.report,
             restart.ready - restart.began
         );
-        // The step simulator stands in for the kubelet, but gives a pod up
-        // after six failed status writes (about 6 s), where a kubelet keeps
-        // trying; such a pod's steps would never end, and no observer could
-        // report them. Restarting it resumes every pod from its status.
-        let gave_up = simulator_gave_up() - gave_up_before;
-        let simulator = restart_component("step-simulator").await;
-        (restart, gave_up, simulator.ready)
+        (restart, retries_before)
     };
-    let (created, (restart, simulator_gave_up, simulator_back)) = tokio::join!(create, fault);
+    let (created, (restart, retries_before)) = tokio::join!(create, fault);
     stop_probe.send_replace(true);
     let outage = probe.await.unwrap();
     let verdict = await_all_arrived(&plan, &created, &received).await;
@@ -1065,8 +1060,7 @@ async fn component_restart_case(case: &str, component: &'static str) {
         "first_delivery_after_ready_ms": first_arrival_after(&received, restart.ready).map(ms),
         "first_new_taskrun_event_after_ready_ms": first_new.map(ms),
         "watch_errors": watch_errors,
-        "step_simulator_pods_given_up": simulator_gave_up,
-        "step_simulator_back_after_ready_ms": ms(simulator_back - restart.ready),
+        "node_agent_status_write_retries": node_agent_status_retries() - retries_before,
         "missing_at_drain": verdict.missing.len(),
     });
     settle_and_judge(

@@ -1256,8 +1256,8 @@ async fn hundred_megabyte_log_is_tailed_in_bounded_memory() {
         .unwrap_or_else(|| panic!("a log: {data}"));
     assert!(
         log.ends_with(&last_line),
-        "the tail ends with the last line (is the cluster's step simulator older than \
-         SIMULATED_LOG_BYTES? then `cargo build -p step-simulator && hack/cluster restart step-simulator`); log ends with {:?}",
+        "the tail ends with the last line (is the cluster's node agent older than \
+         SIMULATED_LOG_BYTES? then `cargo build -p node-agent --bins && hack/cluster restart node-agent`); log ends with {:?}",
         tail(log, 200)
     );
     assert_eq!(

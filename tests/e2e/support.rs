@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 /// How long a TaskRun of a few 100 ms steps may take end to end on a busy
-/// 2-core machine: pod creation, scheduling, the simulator, the observer.
+/// 2-core machine: pod creation, scheduling, the node agent, the observer.
 pub const EVENT_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Poll interval of every wait: short enough to be quick, long enough not to
@@ -158,7 +158,7 @@ impl Step {
     }
 }
 
-/// A TaskRun manifest whose steps tell the simulator how they end. Every
+/// A TaskRun manifest whose steps run the SIMULATED_* stand-in. Every
 /// step sets `script`, so Tekton never looks an image up in a registry.
 pub fn taskrun_manifest(version: &str, name: &str, steps: &[Step], timeout: Option<&str>) -> Value {
     let steps: Vec<Value> = steps

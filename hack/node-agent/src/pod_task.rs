@@ -116,6 +116,7 @@ pub async fn run(shared: Arc<Shared>, updates: watch::Receiver<Arc<Pod>>) {
         pull_back_off_at: Vec::new(),
         stopping: HashMap::new(),
         oom_killed: Vec::new(),
+        deleting: false,
         kill_deadline: None,
         dirty: false,
         shared,
@@ -155,7 +156,10 @@ struct PodTask {
     stopping: HashMap<Slot, String>,
     /// Containers killed as the OOM killer would.
     oom_killed: Vec<Slot>,
-    /// When containers still running after the deletion's SIGTERM get SIGKILL.
+    /// The pod is being deleted: nothing starts any more.
+    deleting: bool,
+    /// When containers still running after the deletion's SIGTERM get SIGKILL (until
+    /// they got it).
     kill_deadline: Option<Instant>,
     /// The status changed since it was last written.
     dirty: bool,
@@ -188,7 +192,7 @@ impl PodTask {
             if self.dirty {
                 self.write_status().await;
             }
-            if self.kill_deadline.is_some() && self.processes.is_empty() {
+            if self.deleting && self.processes.is_empty() {
                 info!("containers stopped; deleting the pod for good");
                 return self.finish(true).await;
             }
@@ -546,13 +550,13 @@ impl PodTask {
                 record.restart_count += 1;
             }
             self.dirty = true;
-            if self.kill_deadline.is_none() {
+            if !self.deleting {
                 self.start(slot, pod, Some(new_image)).await;
             }
             return;
         }
         self.set_state(slot, RunState::Terminated(termination));
-        if matches!(slot, Slot::Init(_)) && exit.exit_code == 0 && self.kill_deadline.is_none() {
+        if matches!(slot, Slot::Init(_)) && exit.exit_code == 0 && !self.deleting {
             self.start_next_init_container(pod).await;
         }
     }
@@ -560,15 +564,14 @@ impl PodTask {
     /// The pod changed: downward-API files, deletion, image swaps, fault annotations.
     async fn on_pod_update(&mut self, pod: &Pod) {
         if self.state.is_none() {
-            if pod.metadata.deletion_timestamp.is_some() && self.kill_deadline.is_none() {
-                self.kill_deadline = Some(Instant::now());
-            }
+            self.deleting |= pod.metadata.deletion_timestamp.is_some();
             return;
         }
         if let Err(error) = self.files.refresh_downward_api(pod) {
             warn!(%error, "cannot update the downward-API files");
         }
-        if pod.metadata.deletion_timestamp.is_some() && self.kill_deadline.is_none() {
+        if pod.metadata.deletion_timestamp.is_some() && !self.deleting {
+            self.deleting = true;
             info!(
                 running = self.processes.len(),
                 "pod deletion requested; stopping its containers"
@@ -581,7 +584,7 @@ impl PodTask {
             self.pull_back_off_at.clear();
             return;
         }
-        if self.kill_deadline.is_some() {
+        if self.deleting {
             return;
         }
         let spec_images: Vec<String> = pod
@@ -611,6 +614,18 @@ impl PodTask {
         self.check_faults(pod);
     }
 
+    /// Whether a container's own command runs: for a step, once its entrypoint let the
+    /// step go; for any other container, as soon as it runs.
+    fn runs_its_command(&self, slot: Slot) -> bool {
+        let Some(process) = self.processes.get(&slot) else {
+            return false;
+        };
+        match self.container_plan(slot) {
+            Some(plan) if plan.runs_tekton_entrypoint => process.runs_a_command(),
+            _ => true,
+        }
+    }
+
     /// Carries out the fault annotations whose moment has come.
     fn check_faults(&mut self, pod: &Pod) {
         let annotations = pod.annotations();
@@ -622,20 +637,24 @@ impl PodTask {
                 .position(|plan| plan.name == *container)
                 .map(Slot::Main);
             if let Some(slot) = target.filter(|slot| !self.oom_killed.contains(slot))
+                && self.runs_its_command(slot)
                 && let Some(process) = self.processes.get(&slot)
-                && process.runs_a_command()
             {
                 info!(%container, "killing the container as the OOM killer would");
                 process.signal(Signal::SIGKILL);
                 self.oom_killed.push(slot);
             }
         }
+        let a_step_runs = (0..self.plan.containers.len()).any(|index| {
+            self.plan.containers[index].runs_tekton_entrypoint
+                && self.runs_its_command(Slot::Main(index))
+        });
         if let Some(message) = annotations.get(EVICT_ANNOTATION)
             && self
                 .state
                 .as_ref()
                 .is_some_and(|state| state.evicted.is_none())
-            && self.processes.values().any(Process::runs_a_command)
+            && a_step_runs
         {
             info!(%message, "evicting the pod");
             if let Some(state) = self.state.as_mut() {
@@ -655,7 +674,7 @@ impl PodTask {
 
     /// Whether a fault annotation waits for its moment.
     fn fault_pending(&self) -> bool {
-        self.kill_deadline.is_none() && !self.processes.is_empty()
+        !self.deleting && !self.processes.is_empty()
     }
 
     fn next_timer(&self) -> Option<Instant> {
@@ -695,12 +714,14 @@ impl PodTask {
                 ),
             );
         }
-        if self.kill_deadline.is_some_and(|deadline| deadline <= now) && !self.processes.is_empty()
-        {
-            info!("grace period over; killing what still runs");
-            self.kill_all();
+        if self.kill_deadline.is_some_and(|deadline| deadline <= now) {
+            self.kill_deadline = None;
+            if !self.processes.is_empty() {
+                info!("grace period over; killing what still runs");
+                self.kill_all();
+            }
         }
-        if self.kill_deadline.is_none() {
+        if !self.deleting {
             self.check_faults(pod);
         }
     }

@@ -41,6 +41,9 @@ pub struct ContainerPlan {
     pub termination_message_path: String,
     /// Whether a failed container without a termination message gets its log's tail.
     pub fallback_to_logs_on_error: bool,
+    /// The container runs Tekton's entrypoint (a step), which holds the step's own
+    /// command back until the step's turn.
+    pub runs_tekton_entrypoint: bool,
     /// The container is a Tekton step that runs the `SIMULATED_*` stand-in; `Err` when its
     /// values are unusable (the container then waits with a configuration error).
     pub simulated: Option<Result<SimulatedStep, SimulatedError>>,
@@ -91,7 +94,8 @@ fn container_plan(container: &Container) -> ContainerPlan {
         .iter()
         .filter_map(|var| var.value.as_deref().map(|value| (var.name.as_str(), value)))
         .collect();
-    let simulated = if entrypoint_command_index(&command).is_some() {
+    let runs_tekton_entrypoint = entrypoint_command_index(&command).is_some();
+    let simulated = if runs_tekton_entrypoint {
         SimulatedStep::from_env(|name| literal.get(name).map(|value| (*value).to_owned()))
             .transpose()
     } else {
@@ -111,6 +115,7 @@ fn container_plan(container: &Container) -> ContainerPlan {
             .unwrap_or_else(|| DEFAULT_TERMINATION_MESSAGE_PATH.to_owned()),
         fallback_to_logs_on_error: container.termination_message_policy.as_deref()
             == Some(FALLBACK_TO_LOGS_ON_ERROR),
+        runs_tekton_entrypoint,
         simulated,
     }
 }

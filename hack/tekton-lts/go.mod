@@ -1,10 +1,12 @@
-// Pins Tekton Pipelines' controller and webhook. The replace lines repeat the
-// ones in Tekton's own go.mod, which Go does not apply to dependents.
-module tekton-step-observer/hack/tekton
+// Pins Tekton Pipelines' LTS line (TEKTON_VERSION=v1.9.2): controller, webhook,
+// and the binaries its pods run (entrypoint, nop, workingdirinit,
+// sidecarlogresults). The replace lines repeat the ones in Tekton's own go.mod,
+// which Go does not apply to dependents.
+module tekton-step-observer/hack/tekton-lts
 
 go 1.26.0
 
-require github.com/tektoncd/pipeline v1.9.2
+require github.com/tektoncd/pipeline v1.9.2 // indirect
 
 require (
 	cel.dev/expr v0.25.1 // indirect
@@ -201,5 +203,9 @@ replace (
 
 tool (
 	github.com/tektoncd/pipeline/cmd/controller
+	github.com/tektoncd/pipeline/cmd/entrypoint
+	github.com/tektoncd/pipeline/cmd/nop
+	github.com/tektoncd/pipeline/cmd/sidecarlogresults
 	github.com/tektoncd/pipeline/cmd/webhook
+	github.com/tektoncd/pipeline/cmd/workingdirinit
 )
