@@ -13,7 +13,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use rand::Rng;
 use serde_json::{Value, json};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::controller::{Context, annotation_ledger, left_alone_by_backfill};
@@ -52,6 +52,9 @@ pub struct Snapshot {
     pub seen_at: Instant,
 }
 
+/// One event of a TaskRun: its attempt, step and kind.
+type EventKey = (u32, usize, StepEventKind);
+
 /// How a round of sending ended.
 enum RoundEnd {
     /// Everything owed at the round's start was settled.
@@ -87,8 +90,8 @@ enum Gate {
 /// when the TaskRun owes more.
 pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
     let mut attempt: u32 = 0;
-    let mut first_seen: HashMap<(usize, StepEventKind), Instant> = HashMap::new();
-    let mut pending: Option<((usize, StepEventKind), Event)> = None;
+    let mut first_seen: HashMap<EventKey, Instant> = HashMap::new();
+    let mut pending: Option<(EventKey, Event)> = None;
     let mut log_waits = HashMap::new();
     let mut reported_malformed = false;
     let mut patch_owed = false;
@@ -126,7 +129,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         let now = Instant::now();
         for transition in &owed {
             first_seen
-                .entry((transition.step_index, transition.kind))
+                .entry((transition.attempt, transition.step_index, transition.kind))
                 .or_insert(snapshot.seen_at.min(now));
         }
 
@@ -142,7 +145,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     snapshot: &snapshot,
                     sink: &sink,
                     first_seen: &first_seen,
-                    pod: OnceCell::new(),
+                    pods: tokio::sync::Mutex::new(HashMap::new()),
                 };
                 round.send_all(&owed, &mut pending, &mut log_waits).await
             }
@@ -225,18 +228,19 @@ struct Round<'a> {
     ctx: &'a Context,
     snapshot: &'a Snapshot,
     sink: &'a url::Url,
-    first_seen: &'a HashMap<(usize, StepEventKind), Instant>,
-    /// The TaskRun's pod as JSON (None if it cannot be read), read at most
-    /// once per round, when a `started` event is built after its step ended.
-    pod: OnceCell<Option<Value>>,
+    first_seen: &'a HashMap<EventKey, Instant>,
+    /// The pods of the TaskRun's attempts as JSON (None if one cannot be
+    /// read), each read at most once per round, when a `started` event is
+    /// built after its step ended.
+    pods: tokio::sync::Mutex<HashMap<String, Option<Value>>>,
 }
 
 impl Round<'_> {
     async fn send_all(
         &self,
         owed: &[Transition],
-        pending: &mut Option<((usize, StepEventKind), Event)>,
-        log_waits: &mut HashMap<(usize, StepEventKind), Instant>,
+        pending: &mut Option<(EventKey, Event)>,
+        log_waits: &mut HashMap<EventKey, Instant>,
     ) -> RoundEnd {
         let ctx = self.ctx;
         let taskrun = &self.snapshot.taskrun;
@@ -244,7 +248,7 @@ impl Round<'_> {
             if !*ctx.leader.borrow() {
                 return RoundEnd::NotLeader;
             }
-            let key = (transition.step_index, transition.kind);
+            let key = (transition.attempt, transition.step_index, transition.kind);
             // A retried event is sent exactly as before: same id, same log.
             let event = match pending.take() {
                 Some((pending_key, event)) if pending_key == key => event,
@@ -317,7 +321,12 @@ impl Round<'_> {
 
     fn settle(&self, transition: &Transition, how: Settlement) {
         let mut settled = Ledger::default();
-        settled.record(&transition.step_name, transition.kind, how);
+        settled.record_attempt(
+            &transition.step_name,
+            transition.attempt,
+            transition.kind,
+            how,
+        );
         self.ctx.remember(&self.snapshot.taskrun.uid, &settled);
     }
 
@@ -329,13 +338,19 @@ impl Round<'_> {
         transition: &Transition,
         log_failing_since: Option<&Instant>,
     ) -> Result<Built> {
-        let status = self.snapshot.status.as_ref();
+        let current = self.snapshot.status.as_ref();
+        // An attempt's event is built from that attempt's own status (its
+        // pod, its step states), archived in retriesStatus once retried.
+        let status = current.map(|s| s.of_attempt(transition.attempt));
         let index = transition.step_index;
         let mut step_state = status.and_then(|s| s.steps.get(index));
         let step_spec = status
             .and_then(|s| s.task_spec.as_ref())
+            .or_else(|| current.and_then(|s| s.task_spec.as_ref()))
             .and_then(|spec| spec.steps.get(index));
-        let pod_name = status.and_then(|s| s.pod_name.as_deref());
+        let pod_name = status
+            .and_then(|s| s.pod_name.as_deref())
+            .filter(|name| !name.is_empty());
         let container = step_state
             .and_then(|s| s.get("container"))
             .and_then(|c| c.as_str())
@@ -407,25 +422,24 @@ impl Round<'_> {
     /// When a step's container started, as its pod records it (the kubelet
     /// keeps it in `terminated.startedAt`); None when the pod cannot be read.
     async fn container_started_at(&self, pod: Option<&str>, container: &str) -> Option<String> {
-        let pod = self
-            .pod
-            .get_or_init(|| async {
-                let pod = pod?;
-                let api: Api<DynamicObject> = Api::namespaced_with(
-                    self.ctx.client.clone(),
-                    &self.snapshot.taskrun.namespace,
-                    &ApiResource::erase::<Pod>(&()),
-                );
-                match api.get(pod).await {
-                    Ok(object) => serde_json::to_value(object).ok(),
-                    Err(error) => {
-                        debug!(taskrun = %self.snapshot.taskrun.key(), %error, "cannot read the pod for a container's start");
-                        None
-                    }
+        let pod = pod?;
+        let mut pods = self.pods.lock().await;
+        if !pods.contains_key(pod) {
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                self.ctx.client.clone(),
+                &self.snapshot.taskrun.namespace,
+                &ApiResource::erase::<Pod>(&()),
+            );
+            let read = match api.get(pod).await {
+                Ok(object) => serde_json::to_value(object).ok(),
+                Err(error) => {
+                    debug!(taskrun = %self.snapshot.taskrun.key(), %error, "cannot read the pod for a container's start");
+                    None
                 }
-            })
-            .await
-            .as_ref()?;
+            };
+            pods.insert(pod.to_owned(), read);
+        }
+        let pod = pods.get(pod)?.as_ref()?;
         let status = pod["status"]["containerStatuses"]
             .as_array()?
             .iter()

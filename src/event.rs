@@ -70,10 +70,16 @@ pub struct EventInput<'a> {
     pub log: &'a StepLog,
 }
 
-/// The event id: `<taskrun-uid>-<step>-<type>`. Deterministic, so a resend
-/// carries the same id and a sink can drop the repeat.
-pub fn event_id(taskrun_uid: &str, step_name: &str, event_type: &str) -> String {
-    format!("{taskrun_uid}-{step_name}-{event_type}")
+/// The event id: `<taskrun-uid>-<step>-<type>`, with `-attempt-<n>` for the
+/// n-th retry of a TaskRun (the first attempt keeps the original plugin's
+/// ids). Deterministic, so a resend carries the same id and a sink can drop
+/// the repeat.
+pub fn event_id(taskrun_uid: &str, step_name: &str, event_type: &str, attempt: u32) -> String {
+    if attempt == 0 {
+        format!("{taskrun_uid}-{step_name}-{event_type}")
+    } else {
+        format!("{taskrun_uid}-{step_name}-{event_type}-attempt-{attempt}")
+    }
 }
 
 /// The schema file that describes the data of events of `kind`.
@@ -94,7 +100,12 @@ pub fn build_event(settings: &EventSettings, input: EventInput<'_>) -> Result<Ev
         .clone()
         .unwrap_or_else(|| taskrun.api_path());
     let mut builder = EventBuilderV10::new()
-        .id(event_id(&taskrun.uid, &transition.step_name, &event_type))
+        .id(event_id(
+            &taskrun.uid,
+            &transition.step_name,
+            &event_type,
+            transition.attempt,
+        ))
         .ty(event_type)
         .source(source)
         .subject(transition.step_name.clone())
@@ -102,6 +113,7 @@ pub fn build_event(settings: &EventSettings, input: EventInput<'_>) -> Result<Ev
         .extension("taskrunuid", taskrun.uid.clone())
         .extension("namespace", taskrun.namespace.clone())
         .extension("sequence", transition.sequence() as i64)
+        .extension("attempt", i64::from(transition.attempt))
         .data_with_schema(
             "application/json",
             format!(
@@ -139,6 +151,7 @@ pub fn event_data(input: EventInput<'_>) -> Value {
         "step": input.step_spec.cloned().unwrap_or(Value::Null),
         "stepState": input.step_state.cloned().unwrap_or(Value::Null),
         "podRef": pod_ref,
+        "attempt": input.transition.attempt,
     });
     if let Some(reason) = &input.transition.reason {
         data["reason"] = json!(reason);
@@ -303,6 +316,8 @@ mod tests {
     fn fixed_source_and_type_prefix_apply() {
         let tr = taskrun_ref();
         let transition = Transition {
+            attempt: 0,
+            sequence_base: 0,
             step_index: 0,
             step_name: "a".into(),
             kind: StepEventKind::Started,

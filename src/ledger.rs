@@ -9,9 +9,12 @@
 //! ```
 //!
 //! We add one optional list, `rejected`, for events the sink refused for good
-//! (a 4xx): they are settled too, and must not be sent again. Entries only
-//! ever grow, so merging two ledgers is a union and a stale copy can never
-//! take an event back.
+//! (a 4xx): they are settled too, and must not be sent again. A retried
+//! TaskRun's later attempts get entries of their own with an `attempt`
+//! number (`{"name":"build","attempt":1,"emitted":[…]}`); attempt 0 keeps the
+//! plugin's shape, with no `attempt`, so a ledger of the original plugin
+//! reads as attempt 0. Entries only ever grow, so merging two ledgers is a
+//! union and a stale copy can never take an event back.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,8 @@ pub enum Settlement {
 pub struct StepRecord {
     /// Step name, as in `status.steps[].name`.
     pub name: String,
+    /// The TaskRun attempt (0 for the first run, n for the n-th retry).
+    pub attempt: u32,
     delivered: KindSet,
     rejected: KindSet,
 }
@@ -85,10 +90,16 @@ struct LedgerJson {
 #[derive(Deserialize, Serialize)]
 struct StepJson {
     name: String,
+    #[serde(default, skip_serializing_if = "is_first_attempt")]
+    attempt: u32,
     #[serde(default)]
     emitted: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rejected: Vec<String>,
+}
+
+fn is_first_attempt(attempt: &u32) -> bool {
+    *attempt == 0
 }
 
 impl Ledger {
@@ -108,16 +119,20 @@ impl Ledger {
         // An index by name keeps parsing linear: a hostile annotation can
         // name some 15 000 steps in 256 KiB, and a scan per entry made that
         // a fifth of a second on every watch event.
-        let mut index: std::collections::HashMap<String, usize> =
+        let mut index: std::collections::HashMap<(String, u32), usize> =
             std::collections::HashMap::with_capacity(json.statuses.len());
         for step in json.statuses {
-            let at = *index.entry(step.name).or_insert_with_key(|name| {
-                ledger.steps.push(StepRecord {
-                    name: name.clone(),
-                    ..StepRecord::default()
-                });
-                ledger.steps.len() - 1
-            });
+            let at =
+                *index
+                    .entry((step.name, step.attempt))
+                    .or_insert_with_key(|(name, attempt)| {
+                        ledger.steps.push(StepRecord {
+                            name: name.clone(),
+                            attempt: *attempt,
+                            ..StepRecord::default()
+                        });
+                        ledger.steps.len() - 1
+                    });
             let record = &mut ledger.steps[at];
             for kind in step.emitted.iter().filter_map(|t| kind_of_type(t)) {
                 record.delivered.insert(kind);
@@ -141,6 +156,7 @@ impl Ledger {
                 .iter()
                 .map(|s| StepJson {
                     name: s.name.clone(),
+                    attempt: s.attempt,
                     emitted: to_types(s.delivered),
                     rejected: to_types(s.rejected),
                 })
@@ -151,22 +167,46 @@ impl Ledger {
         serde_json::to_string(&json).unwrap_or_else(|_| String::from(r#"{"statuses":[]}"#))
     }
 
-    /// The record of one step, if any.
+    /// The record of one step's first attempt, if any.
     pub fn step(&self, name: &str) -> Option<&StepRecord> {
-        self.steps.iter().find(|s| s.name == name)
+        self.step_attempt(name, 0)
     }
 
-    /// Whether the event of `kind` for step `name` is settled.
+    /// The record of one step in one attempt, if any.
+    pub fn step_attempt(&self, name: &str, attempt: u32) -> Option<&StepRecord> {
+        self.steps
+            .iter()
+            .find(|s| s.name == name && s.attempt == attempt)
+    }
+
+    /// Whether the event of `kind` for step `name` (first attempt) is settled.
     pub fn settled(&self, name: &str, kind: StepEventKind) -> bool {
-        self.step(name).is_some_and(|s| s.settled(kind))
+        self.settled_attempt(name, 0, kind)
     }
 
-    /// Records an event as settled. Returns whether it was new.
+    /// Whether the event of `kind` for step `name` in `attempt` is settled.
+    pub fn settled_attempt(&self, name: &str, attempt: u32, kind: StepEventKind) -> bool {
+        self.step_attempt(name, attempt)
+            .is_some_and(|s| s.settled(kind))
+    }
+
+    /// Records an event of the first attempt as settled. Returns whether it was new.
     pub fn record(&mut self, name: &str, kind: StepEventKind, how: Settlement) -> bool {
-        if self.settled(name, kind) {
+        self.record_attempt(name, 0, kind, how)
+    }
+
+    /// Records an event of `attempt` as settled. Returns whether it was new.
+    pub fn record_attempt(
+        &mut self,
+        name: &str,
+        attempt: u32,
+        kind: StepEventKind,
+        how: Settlement,
+    ) -> bool {
+        if self.settled_attempt(name, attempt, kind) {
             return false;
         }
-        let record = self.record_mut(name);
+        let record = self.record_mut(name, attempt);
         match how {
             Settlement::Delivered => record.delivered.insert(kind),
             Settlement::Rejected => record.rejected.insert(kind),
@@ -177,7 +217,7 @@ impl Ledger {
     /// Adds everything `other` settled.
     pub fn merge(&mut self, other: &Ledger) {
         for step in &other.steps {
-            let record = self.record_mut(&step.name);
+            let record = self.record_mut(&step.name, step.attempt);
             record.delivered.0 |= step.delivered.0;
             record.rejected.0 |= step.rejected.0;
         }
@@ -192,7 +232,10 @@ impl Ledger {
     /// Whether every event `other` settled is settled here too.
     pub fn covers(&self, other: &Ledger) -> bool {
         other.steps.iter().all(|theirs| {
-            let ours = self.step(&theirs.name).cloned().unwrap_or_default();
+            let ours = self
+                .step_attempt(&theirs.name, theirs.attempt)
+                .cloned()
+                .unwrap_or_default();
             let mine = ours.delivered.0 | ours.rejected.0;
             (theirs.delivered.0 | theirs.rejected.0) & !mine == 0
         })
@@ -216,12 +259,17 @@ impl Ledger {
         &self.steps
     }
 
-    fn record_mut(&mut self, name: &str) -> &mut StepRecord {
-        let index = match self.steps.iter().position(|s| s.name == name) {
+    fn record_mut(&mut self, name: &str, attempt: u32) -> &mut StepRecord {
+        let index = match self
+            .steps
+            .iter()
+            .position(|s| s.name == name && s.attempt == attempt)
+        {
             Some(index) => index,
             None => {
                 self.steps.push(StepRecord {
                     name: name.to_owned(),
+                    attempt,
                     ..StepRecord::default()
                 });
                 self.steps.len() - 1
@@ -273,6 +321,27 @@ mod tests {
             r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.started.v1"],"rejected":["dev.tekton.event.plugin.step.failed.v1"]}]}"#
         );
         assert_eq!(Ledger::parse(&text).unwrap(), ledger);
+    }
+
+    #[test]
+    fn later_attempts_get_entries_of_their_own() {
+        let mut ledger = Ledger::default();
+        ledger.record("a", StepEventKind::Started, Settlement::Delivered);
+        ledger.record("a", StepEventKind::Failed, Settlement::Delivered);
+        ledger.record_attempt("a", 1, StepEventKind::Started, Settlement::Delivered);
+        let text = ledger.to_annotation(PREFIX);
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"statuses":[{{"name":"a","emitted":["{PREFIX}.started.v1","{PREFIX}.failed.v1"]}},{{"name":"a","attempt":1,"emitted":["{PREFIX}.started.v1"]}}]}}"#
+            )
+        );
+        let parsed = Ledger::parse(&text).unwrap();
+        assert_eq!(parsed, ledger);
+        assert!(parsed.settled("a", StepEventKind::Failed));
+        assert!(!parsed.settled_attempt("a", 1, StepEventKind::Failed));
+        assert!(parsed.settled_attempt("a", 1, StepEventKind::Started));
+        assert_eq!(parsed.len(), 3);
     }
 
     #[test]

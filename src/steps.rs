@@ -66,11 +66,20 @@ mod termination_reason {
 
 /// Reasons Tekton writes into a step's `terminated.reason` when it ends the
 /// whole TaskRun (cancel, timeout) rather than the step ending by itself.
+/// Any other failure reason of the run counts too when the step carries it
+/// (see [`StepFacts`] and `terminateStepsInPod`).
 const RUN_KILL_REASONS: [&str; 2] = ["TaskRunCancelled", "TaskRunTimeout"];
+
+/// The reason of a `skipped` event for a step whose `when` was false.
+pub const WHEN_FALSE_REASON: &str = "WhenExpressionsFalse";
 
 /// One owed (or reached) step event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
+    /// The TaskRun attempt: 0 for the first run, n for the n-th retry.
+    pub attempt: u32,
+    /// Sequence numbers of earlier attempts end here (2 per step each).
+    pub sequence_base: u64,
     /// Position of the step in the Task.
     pub step_index: usize,
     /// The step's name as Tekton reports it (`unnamed-0` for unnamed steps).
@@ -85,10 +94,10 @@ pub struct Transition {
 
 impl Transition {
     /// The event's position within its TaskRun: started(i) is 2i+1 and the
-    /// terminal event 2i+2, so consumers can restore order and the number is
-    /// the same on every resend.
+    /// terminal event 2i+2, after every event of earlier attempts, so
+    /// consumers can restore order and the number is the same on every resend.
     pub fn sequence(&self) -> u64 {
-        let base = 2 * self.step_index as u64;
+        let base = self.sequence_base + 2 * self.step_index as u64;
         if self.kind == StepEventKind::Started {
             base + 1
         } else {
@@ -184,15 +193,26 @@ pub struct StepFacts {
     pub phase: StepPhase,
     /// `terminationReason`, where Tekton reports it.
     pub termination_reason: Option<String>,
+    /// The step has `when` expressions: its entrypoint may skip it the
+    /// moment its turn comes, so that turn coming does not mean it runs.
+    pub has_when: bool,
+    /// Whether the step's container was ever created: the kubelet reports
+    /// an `imageID` once it is, and Tekton copies it into the step state.
+    pub container_created: bool,
 }
 
-/// Everything the decision reads from one TaskRun status.
+/// Everything the decision reads from one TaskRun status: the current
+/// attempt, and the earlier ones of a retried TaskRun.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunFacts {
     /// The steps in order.
     pub steps: Vec<StepFacts>,
-    /// Whether the run ended.
+    /// Whether the run (this attempt) ended.
     pub phase: RunPhase,
+    /// Which attempt: 0 for the first run.
+    pub attempt: u32,
+    /// The earlier attempts, oldest first (empty within an earlier attempt).
+    pub earlier_attempts: Vec<RunFacts>,
 }
 
 /// Reads the facts out of a TaskRun status, or says why it cannot yet.
@@ -202,6 +222,25 @@ pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
     if spec_steps.is_empty() {
         return Err(NotReady::NoTaskSpec);
     }
+    let mut earlier_attempts = Vec::with_capacity(status.retries_status.len());
+    for (attempt, archived) in (0u32..).zip(&status.retries_status) {
+        earlier_attempts.push(attempt_facts(archived, spec_steps, attempt, None)?);
+    }
+    let previous_steps = status.retries_status.last().map(|s| s.steps.as_slice());
+    let mut facts = attempt_facts(status, spec_steps, status.attempt(), previous_steps)?;
+    facts.earlier_attempts = earlier_attempts;
+    Ok(facts)
+}
+
+/// The facts of one attempt. `previous_steps` are the step states of the
+/// attempt before: after a retry Tekton keeps them in `status.steps` until
+/// the new pod reports, and such a state is the old attempt's, not this one's.
+fn attempt_facts(
+    status: &TaskRunStatus,
+    spec_steps: &[Value],
+    attempt: u32,
+    previous_steps: Option<&[Value]>,
+) -> Result<RunFacts, NotReady> {
     let phase = run_phase(status);
     let spec_names = spec_steps.iter().enumerate().map(|(i, step)| {
         match step.get("name").and_then(Value::as_str) {
@@ -212,19 +251,34 @@ pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
     let continues = spec_steps
         .iter()
         .map(|step| step.get("onError").and_then(Value::as_str) == Some("continue"));
+    let gated: Vec<bool> = spec_steps
+        .iter()
+        .map(|step| {
+            step.get("when")
+                .and_then(Value::as_array)
+                .is_some_and(|when| !when.is_empty())
+        })
+        .collect();
 
     // NB: a run that ended before its pod ran (e.g. timed out while pending)
     // has no step states at all; its steps all count as never started.
     if status.steps.is_empty() && matches!(phase, RunPhase::Finished { .. }) {
         let steps = spec_names
             .zip(continues)
-            .map(|(name, continue_on_error)| StepFacts {
+            .zip(&gated)
+            .map(|((name, continue_on_error), has_when)| StepFacts {
                 name,
                 continue_on_error,
+                has_when: *has_when,
                 ..StepFacts::default()
             })
             .collect();
-        return Ok(RunFacts { steps, phase });
+        return Ok(RunFacts {
+            steps,
+            phase,
+            attempt,
+            earlier_attempts: Vec::new(),
+        });
     }
     if status.steps.len() != spec_steps.len() {
         return Err(NotReady::StepsMismatch {
@@ -243,17 +297,37 @@ pub fn run_facts(status: Option<&TaskRunStatus>) -> Result<RunFacts, NotReady> {
         if name != spec_name {
             return Err(NotReady::StepNameMismatch { index });
         }
+        let stale = previous_steps.and_then(|previous| previous.get(index)) == Some(state);
+        let container_created = state
+            .get("imageID")
+            .and_then(Value::as_str)
+            .is_some_and(|id| !id.is_empty());
         steps.push(StepFacts {
             name: spec_name,
             continue_on_error,
-            phase: step_phase(state),
-            termination_reason: state
-                .get("terminationReason")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            phase: if stale {
+                StepPhase::Waiting
+            } else {
+                step_phase(state)
+            },
+            termination_reason: if stale {
+                None
+            } else {
+                state
+                    .get("terminationReason")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            },
+            has_when: gated[index],
+            container_created: container_created && !stale,
         });
     }
-    Ok(RunFacts { steps, phase })
+    Ok(RunFacts {
+        steps,
+        phase,
+        attempt,
+        earlier_attempts: Vec::new(),
+    })
 }
 
 fn run_phase(status: &TaskRunStatus) -> RunPhase {
@@ -309,18 +383,33 @@ struct StepOutcome {
     lets_next_run: bool,
 }
 
-/// Every step event the run has reached, in emission order: started(i),
-/// then its terminal event, then step i+1. Stops at the first step whose end
-/// is not known yet, because nothing after it can be decided in order.
+/// Every step event the run has reached, in emission order: the earlier
+/// attempts' first, then within an attempt started(i), then its terminal
+/// event, then step i+1. Stops at the first step whose end is not known yet,
+/// because nothing after it can be decided in order.
 pub fn reached_transitions(facts: &RunFacts) -> Vec<Transition> {
+    let per_attempt = 2 * facts.steps.len() as u64;
+    let mut reached = Vec::new();
+    for attempt in facts.earlier_attempts.iter().chain([facts]) {
+        reached.extend(reached_in_attempt(
+            attempt,
+            per_attempt.saturating_mul(u64::from(attempt.attempt)),
+        ));
+    }
+    reached
+}
+
+fn reached_in_attempt(facts: &RunFacts, sequence_base: u64) -> Vec<Transition> {
     let mut reached = Vec::new();
     // Whether the previous step ended in a way that lets this one run, and
     // when it ended (which is when this one started).
     let mut predecessor_ok = true;
     let mut predecessor_end: Option<DateTime<Utc>> = None;
     for (index, step) in facts.steps.iter().enumerate() {
-        let outcome = step_outcome(index, step, predecessor_ok, predecessor_end, &facts.phase);
+        let outcome = step_outcome(index, step, predecessor_ok, predecessor_end, facts);
         let transition = |kind, time, reason| Transition {
+            attempt: facts.attempt,
+            sequence_base,
             step_index: index,
             step_name: step.name.clone(),
             kind,
@@ -345,17 +434,18 @@ fn step_outcome(
     step: &StepFacts,
     predecessor_ok: bool,
     predecessor_end: Option<DateTime<Utc>>,
-    run: &RunPhase,
+    facts: &RunFacts,
 ) -> StepOutcome {
     let never_ran = |time, reason: &str| StepOutcome {
         started: None,
         terminal: Some((StepEventKind::Skipped, time, Some(reason.to_owned()))),
         lets_next_run: false,
     };
-    let run_end = match run {
+    let run_end = match &facts.phase {
         RunPhase::Finished { at, reason } => Some((*at, reason.clone())),
         RunPhase::Running => None,
     };
+    let run_reason = run_end.as_ref().and_then(|(_, reason)| reason.clone());
     let reason_is = |want: &str| step.termination_reason.as_deref() == Some(want);
 
     match &step.phase {
@@ -365,20 +455,42 @@ fn step_outcome(
             started_at,
             finished_at,
         } => {
+            // Tekton's failTaskRun ends every step that had not ended with the
+            // run's own reason (terminateStepsInPod): cancel, timeout, but also
+            // TaskRunImagePullFailed, an evicted pod, and the rest.
             let killed_by_run_end = reason
                 .as_deref()
-                .is_some_and(|r| RUN_KILL_REASONS.contains(&r))
+                .is_some_and(|r| RUN_KILL_REASONS.contains(&r) || Some(r) == run_reason.as_deref())
                 || reason_is(termination_reason::CANCELLED);
             if reason_is(termination_reason::SKIPPED) {
+                // The entrypoint skips a step whose `when` is false with exit
+                // 0 and lets the next one run; after a failure it skips with
+                // exit 1 and the next ones skip too.
+                if *exit_code == 0 && predecessor_ok {
+                    return StepOutcome {
+                        lets_next_run: true,
+                        ..never_ran(*finished_at, WHEN_FALSE_REASON)
+                    };
+                }
                 return never_ran(*finished_at, "Skipped");
             }
             if !predecessor_ok {
                 return never_ran(*finished_at, "PreviousStepFailed");
             }
-            // Step 0 ended by the run's end before it ever ran (still
-            // waiting, so Tekton gives it no start time).
-            if killed_by_run_end && started_at.is_none() && index == 0 {
-                return never_ran(*finished_at, reason.as_deref().unwrap_or("NotStarted"));
+            // NB: a step whose container never started (pod pending, image
+            // pull failure) still gets a `startedAt` when the run ends: the
+            // TaskRun's creation time (terminateStepsInPod in
+            // pkg/reconciler/taskrun/taskrun.go: "startedAt cannot be null
+            // due to CRD schema validation"). Times are to the second, and on
+            // a fast cluster a container that ran may have started in that
+            // same second, so the time cannot tell. The container's image ID
+            // can: the kubelet reports it once the container exists, Tekton
+            // copies it into the step state, and terminateStepsInPod keeps it.
+            // Older Tekton left `startedAt` empty instead.
+            let never_started = started_at.is_none() || !step.container_created;
+            if killed_by_run_end && never_started {
+                let why = reason.clone().unwrap_or_else(|| "NotStarted".to_owned());
+                return never_ran(*finished_at, &why);
             }
             let started = if index == 0 {
                 *started_at
@@ -423,6 +535,16 @@ fn step_outcome(
             } else {
                 predecessor_end.or(*started_at)
             };
+            // NB: a step with `when` may be skipped the moment its turn
+            // comes (exit 0, terminationReason Skipped), and Tekton tells
+            // which only when the step ends: its `started` waits for that.
+            if step.has_when && run_end.is_none() {
+                return StepOutcome {
+                    started: None,
+                    terminal: None,
+                    lets_next_run: false,
+                };
+            }
             StepOutcome {
                 started: Some(started),
                 // The run ended under a running step: it was killed (pod
@@ -438,7 +560,7 @@ fn step_outcome(
             }
         }
         StepPhase::Waiting => {
-            let started = if index > 0 && predecessor_ok {
+            let started = if index > 0 && predecessor_ok && !(step.has_when && run_end.is_none()) {
                 Some(predecessor_end)
             } else {
                 None
@@ -475,7 +597,7 @@ fn step_outcome(
 pub fn owed_transitions(facts: &RunFacts, ledger: &Ledger) -> Vec<Transition> {
     let mut owed = Vec::new();
     for mut transition in reached_transitions(facts) {
-        let record = ledger.step(&transition.step_name);
+        let record = ledger.step_attempt(&transition.step_name, transition.attempt);
         let settled = |kind| record.is_some_and(|r| r.settled(kind));
         if StepEventKind::ALL
             .into_iter()

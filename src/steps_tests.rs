@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::ledger::Settlement;
-use crate::testing::{TaskRunBuilder, exited, killed, running, skipped, waiting};
+use crate::tekton::TaskRunStatus;
+use crate::testing::{TaskRunBuilder, exited, killed, running, skipped, waiting, when_skipped};
 
 use StepEventKind::{Failed, Skipped, Started, Succeeded};
 
@@ -319,4 +320,171 @@ fn completes_only_when_finished_and_settled() {
     ledger.record("a", Started, Settlement::Delivered);
     ledger.record("a", Succeeded, Settlement::Delivered);
     assert!(is_complete(&facts, &ledger));
+}
+
+#[test]
+fn step_when_false_skips_that_step_alone() {
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .step_with_when("gated", when_skipped())
+        .step("c", exited(0))
+        .succeeded()
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let owed = owed_transitions(&facts, &Ledger::default());
+    assert_eq!(
+        kinds(&owed),
+        vec![
+            ev("a", Started),
+            ev("a", Succeeded),
+            ev("gated", Skipped),
+            ev("c", Started),
+            ev("c", Succeeded),
+        ]
+    );
+    assert_eq!(owed[2].reason.as_deref(), Some(WHEN_FALSE_REASON));
+}
+
+#[test]
+fn steps_whose_containers_never_started_are_skipped_with_the_runs_reason() {
+    // Image pull failure on the first step: Tekton fails the run and stamps
+    // the waiting steps with the TaskRun's creation time.
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("pull", killed("TaskRunImagePullFailed").never_started())
+        .step("after", killed("TaskRunImagePullFailed").never_started())
+        .failed("TaskRunImagePullFailed")
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let owed = owed_transitions(&facts, &Ledger::default());
+    assert_eq!(
+        kinds(&owed),
+        vec![ev("pull", Skipped), ev("after", Skipped)]
+    );
+    assert_eq!(owed[0].reason.as_deref(), Some("TaskRunImagePullFailed"));
+    // A step that ran when the run failed for any reason still failed.
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("work", killed("TaskRunImagePullFailed"))
+        .step("after", killed("TaskRunImagePullFailed").never_started())
+        .failed("TaskRunImagePullFailed")
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    assert_eq!(
+        owed_for_facts(&facts),
+        vec![
+            ev("work", Started),
+            ev("work", Failed),
+            ev("after", Skipped)
+        ]
+    );
+}
+
+fn owed_for_facts(facts: &RunFacts) -> Vec<(String, StepEventKind)> {
+    kinds(&owed_transitions(facts, &Ledger::default()))
+}
+
+/// A TaskRun retried in place: the earlier attempts' statuses archived in
+/// `retriesStatus` (as `retryTaskRun` in pkg/reconciler/taskrun/taskrun.go
+/// does), the current one on top.
+fn retried(attempts: Vec<TaskRunBuilder>) -> crate::tekton::TaskRun {
+    let mut statuses: Vec<TaskRunStatus> = attempts
+        .into_iter()
+        .map(|attempt| attempt.build().status.unwrap())
+        .collect();
+    let mut current = TaskRunBuilder::new("tr").build();
+    let mut status = statuses.pop().unwrap();
+    status.retries_status = statuses;
+    current.status = Some(status);
+    current
+}
+
+#[test]
+fn every_attempt_gets_its_own_events_in_sequence() {
+    let taskrun = retried(vec![
+        TaskRunBuilder::new("tr")
+            .step("compile", exited(1))
+            .failed("Failed"),
+        TaskRunBuilder::new("tr")
+            .step("compile", exited(1))
+            .failed("Failed"),
+        TaskRunBuilder::new("tr")
+            .step("compile", exited(0))
+            .succeeded(),
+    ]);
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let owed = owed_transitions(&facts, &Ledger::default());
+    let summary: Vec<(u32, StepEventKind, u64)> = owed
+        .iter()
+        .map(|t| (t.attempt, t.kind, t.sequence()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, Started, 1),
+            (0, Failed, 2),
+            (1, Started, 3),
+            (1, Failed, 4),
+            (2, Started, 5),
+            (2, Succeeded, 6),
+        ]
+    );
+    // What attempt 0 settled is not owed again; attempt 1's are.
+    let mut ledger = Ledger::default();
+    ledger.record("compile", Started, Settlement::Delivered);
+    ledger.record("compile", Failed, Settlement::Delivered);
+    let attempts: Vec<u32> = owed_transitions(&facts, &ledger)
+        .iter()
+        .map(|t| t.attempt)
+        .collect();
+    assert_eq!(attempts, vec![1, 1, 2, 2]);
+}
+
+#[test]
+fn a_new_attempt_does_not_borrow_the_previous_attempts_states() {
+    // Right after a retry Tekton still shows the old attempt's step states
+    // (it clears podName, not steps) until the new pod reports.
+    let old = TaskRunBuilder::new("tr")
+        .step("compile", exited(1))
+        .failed("Failed");
+    let mut lingering = old.clone().build().status.unwrap();
+    lingering.conditions[0].status = "Unknown".to_owned();
+    lingering.conditions[0].reason = Some("ToBeRetried".to_owned());
+    lingering.pod_name = None;
+    lingering.completion_time = None;
+    lingering.retries_status = vec![old.build().status.unwrap()];
+    let facts = run_facts(Some(&lingering)).unwrap();
+    let owed = owed_transitions(&facts, &Ledger::default());
+    assert_eq!(
+        owed.iter().map(|t| (t.attempt, t.kind)).collect::<Vec<_>>(),
+        vec![(0, Started), (0, Failed)],
+        "nothing for attempt 1 yet"
+    );
+}
+
+#[test]
+fn a_step_with_when_gets_its_started_event_once_tekton_tells_it_ran() {
+    // Its turn came (the step before ended) and its container runs: it may
+    // still be skipped at once, so nothing is owed for it yet.
+    let waiting_for_verdict = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .step_with_when("gated", running(0))
+        .step("c", running(0));
+    assert_eq!(
+        owed_for(waiting_for_verdict),
+        vec![ev("a", Started), ev("a", Succeeded)]
+    );
+    // It ran: started and its end come together.
+    let ran = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .step_with_when("gated", exited(0))
+        .step("c", running(0));
+    assert_eq!(
+        owed_for(ran),
+        vec![
+            ev("a", Started),
+            ev("a", Succeeded),
+            ev("gated", Started),
+            ev("gated", Succeeded),
+            ev("c", Started),
+        ]
+    );
 }

@@ -121,6 +121,25 @@ pub struct TaskRunStatus {
     /// The resolved Task spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_spec: Option<TaskSpec>,
+    /// The statuses of earlier attempts of a retried TaskRun, oldest first
+    /// (Tekton's `retryTaskRun` archives the whole status here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retries_status: Vec<TaskRunStatus>,
+}
+
+impl TaskRunStatus {
+    /// The number of the attempt this status describes: 0 for the first run.
+    pub fn attempt(&self) -> u32 {
+        u32::try_from(self.retries_status.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The status of one attempt: an archived one, or this one for the current.
+    pub fn of_attempt(&self, attempt: u32) -> &TaskRunStatus {
+        usize::try_from(attempt)
+            .ok()
+            .and_then(|index| self.retries_status.get(index))
+            .unwrap_or(self)
+    }
 }
 
 /// The part of the resolved Task spec the observer reads.

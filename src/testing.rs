@@ -46,6 +46,12 @@ pub fn skipped() -> StepState {
     StepState::new(StateKind::Skipped, Some("Skipped"))
 }
 
+/// A step whose `when` was false: the entrypoint skips it with exit 0 and
+/// lets the next step run (`allowExec` in pkg/entrypoint/entrypointer.go).
+pub fn when_skipped() -> StepState {
+    StepState::new(StateKind::Exited(0), Some("Skipped"))
+}
+
 /// A step ended by the TaskRun's end (`TaskRunTimeout`, `TaskRunCancelled`).
 pub fn killed(reason: &'static str) -> StepState {
     StepState::new(StateKind::Killed(reason), None)
@@ -72,7 +78,9 @@ impl StepState {
         self
     }
 
-    /// Ended without ever running (no start time).
+    /// Ended by the run while its container still waited: Tekton stamps
+    /// `startedAt` with the TaskRun's creation time (terminateStepsInPod,
+    /// pkg/reconciler/taskrun/taskrun.go, v1.9.2 line 931, v1.15.0 line 1054).
     pub fn never_started(mut self) -> Self {
         self.never_started = true;
         self
@@ -87,6 +95,11 @@ pub struct TaskRunBuilder {
     step_states: Vec<Value>,
     condition: Option<(String, String)>,
     annotations: Vec<(String, String)>,
+}
+
+/// When the simulated TaskRun was created: before its first reconcile.
+pub fn created() -> DateTime<Utc> {
+    epoch() - Duration::seconds(3)
 }
 
 /// When the simulated pod started.
@@ -144,6 +157,16 @@ impl TaskRunBuilder {
     /// Adds an `onError: continue` step with its state.
     pub fn step_continue_on_error(mut self, name: &str, state: StepState) -> Self {
         self.push_spec(name, true);
+        self.push_state(name, state);
+        self
+    }
+
+    /// Adds a step with `when` expressions and its state.
+    pub fn step_with_when(mut self, name: &str, state: StepState) -> Self {
+        self.push_spec(name, false);
+        if let Some(spec) = self.spec_steps.last_mut() {
+            spec["when"] = json!([{"input": "a", "operator": "in", "values": ["b"]}]);
+        }
         self.push_state(name, state);
         self
     }
@@ -214,14 +237,23 @@ impl TaskRunBuilder {
                     "reason": reason,
                     "finishedAt": stamp(step_end(index)),
                 });
-                if !state.never_started {
-                    terminated["startedAt"] = json!(stamp(epoch()));
-                }
+                terminated["startedAt"] = if state.never_started {
+                    json!(stamp(created()))
+                } else {
+                    json!(stamp(epoch()))
+                };
                 value["terminated"] = terminated;
             }
         }
         if let Some(reason) = state.termination_reason {
             value["terminationReason"] = json!(reason);
+        }
+        // A container never created has no image ID (the kubelet reports it
+        // once the container exists; Tekton omits it when empty).
+        if state.never_started || matches!(state.kind, StateKind::Waiting) {
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("imageID");
+            }
         }
         self.step_states.push(value);
     }
@@ -251,6 +283,10 @@ impl TaskRunBuilder {
                 name: Some(self.name.clone()),
                 namespace: Some("default".to_owned()),
                 uid: Some("50df8d70-8c11-4cd4-8fdf-3aa4cb287408".to_owned()),
+                creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(created().timestamp())
+                        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                )),
                 resource_version: Some("1234".to_owned()),
                 annotations: (!self.annotations.is_empty())
                     .then(|| self.annotations.into_iter().collect()),
@@ -264,6 +300,7 @@ impl TaskRunBuilder {
                 task_spec: Some(TaskSpec {
                     steps: self.spec_steps,
                 }),
+                ..TaskRunStatus::default()
             }),
         }
     }

@@ -1,9 +1,9 @@
 //! Tekton behaviours that only Tekton's own entrypoint produces: every case
 //! here runs real scripts under the real entrypoint on the node agent
 //! (hack/node-agent), and asserts the exact events an independent receiver
-//! gets. Cases the observer does not handle yet are marked expected-to-fail
-//! with the issue that fixes them; such a case fails loudly once it passes,
-//! so its marker cannot outlive the fix.
+//! gets. The step `when`, image-pull and retries cases failed against the
+//! observer before issue 9's fixes (the first two with wrong events, retries
+//! with nothing for the later attempts).
 
 use cloudevents::AttributesReader;
 use k8s_openapi::api::core::v1::Pod;
@@ -21,18 +21,6 @@ const OOM_KILL_ANNOTATION: &str = "node-agent.tekton-step-observer.dev/oom-kill"
 const EVICT_ANNOTATION: &str = "node-agent.tekton-step-observer.dev/evict";
 /// A node selector no node matches: the pod stays Pending, unschedulable.
 const NO_SUCH_NODE_LABEL: &str = "tekton-step-observer.dev/no-such-node";
-
-/// Runs `case`, which must fail until `issue` lands. Passing is an error too:
-/// the marker must go with the fix.
-async fn expected_to_fail_until(issue: &str, case: impl Future<Output = ()> + Send + 'static) {
-    match tokio::spawn(case).await {
-        Ok(()) => panic!("this case passes now: remove its expected-to-fail marker ({issue})"),
-        Err(error) if error.is_panic() => {
-            eprintln!("expected failure until {issue} lands: {error}");
-        }
-        Err(error) => panic!("the case did not finish: {error}"),
-    }
-}
 
 /// A step that runs `script` in the host's shell.
 fn step(name: &str, script: &str) -> Value {
@@ -432,48 +420,40 @@ async fn evicted_pod_fails_the_running_step_and_skips_the_rest() {
 /// alone (exit 0, terminationReason Skipped) and the next step runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn step_when_false_skips_that_step_alone() {
-    expected_to_fail_until("issue 9", async {
-        let harness = Harness::start("step-when", &[]).await;
-        let mut gated = step("gated", "echo never");
-        gated["when"] = json!([{"input": "a", "operator": "in", "values": ["b"]}]);
-        let (events, taskrun) = run_taskrun(
-            &harness,
-            taskrun(
-                json!({"steps": [step("first", "echo first"), gated, step("last", "echo last")]}),
-            ),
-            &[
-                ("first", "started"),
-                ("first", "succeeded"),
-                ("gated", "skipped"),
-                ("last", "started"),
-                ("last", "succeeded"),
-            ],
-        )
-        .await;
-        assert_eq!(log_of(&events[4]), "last\n");
-        assert_eq!(succeeded_reason(&taskrun), "True/Succeeded");
-    })
+    let harness = Harness::start("step-when", &[]).await;
+    let mut gated = step("gated", "echo never");
+    gated["when"] = json!([{"input": "a", "operator": "in", "values": ["b"]}]);
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [step("first", "echo first"), gated, step("last", "echo last")]})),
+        &[
+            ("first", "started"),
+            ("first", "succeeded"),
+            ("gated", "skipped"),
+            ("last", "started"),
+            ("last", "succeeded"),
+        ],
+    )
     .await;
+    assert_eq!(log_of(&events[4]), "last\n");
+    assert_eq!(succeeded_reason(&taskrun), "True/Succeeded");
 }
 
 /// The first step's image cannot be pulled: no step ever started, so each
 /// gets one `skipped` and no `started`.
 #[tokio::test(flavor = "multi_thread")]
 async fn image_pull_failure_on_the_first_step_skips_every_step() {
-    expected_to_fail_until("issue 9", async {
-        let harness = Harness::start("image-pull", &[]).await;
-        let mut pull = step("pull", "echo never");
-        pull["image"] = json!("registry.invalid/tools:1");
-        let (events, taskrun) = run_taskrun(
-            &harness,
-            taskrun(json!({"steps": [pull, step("after", "echo after")]})),
-            &[("pull", "skipped"), ("after", "skipped")],
-        )
-        .await;
-        assert_eq!(succeeded_reason(&taskrun), "False/TaskRunImagePullFailed");
-        assert_eq!(data(&events[0])["reason"], "TaskRunImagePullFailed");
-    })
+    let harness = Harness::start("image-pull", &[]).await;
+    let mut pull = step("pull", "echo never");
+    pull["image"] = json!("registry.invalid/tools:1");
+    let (events, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [pull, step("after", "echo after")]})),
+        &[("pull", "skipped"), ("after", "skipped")],
+    )
     .await;
+    assert_eq!(succeeded_reason(&taskrun), "False/TaskRunImagePullFailed");
+    assert_eq!(data(&events[0])["reason"], "TaskRunImagePullFailed");
 }
 
 /// Cancelled while its pod is still Pending (unschedulable): no step ever
@@ -521,75 +501,77 @@ async fn cancel_while_the_pod_is_pending_skips_every_step() {
 /// retries the TaskRun in place, and every attempt's step gets its events.
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_give_every_attempt_its_own_events() {
-    expected_to_fail_until("issue 9", async {
-        let harness = Harness::start("retries", &[]).await;
-        let pipeline_runs = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("tekton.dev", "v1", "PipelineRun"),
-            "pipelineruns",
-        );
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(harness.client.clone(), &harness.ns.name, &pipeline_runs);
-        let run: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "tekton.dev/v1",
-            "kind": "PipelineRun",
-            "metadata": {"name": "pr"},
-            "spec": {"pipelineSpec": {"tasks": [{
-                "name": "build",
-                "retries": 2,
-                "taskSpec": {"steps": [step(
-                    "compile",
-                    "#!/bin/sh\necho attempt $(context.task.retry-count)\ntest $(context.task.retry-count) -ge 2",
-                )]},
-            }]}},
-        }))
-        .unwrap();
-        api.create(&PostParams::default(), &run)
-            .await
-            .expect("create PipelineRun");
-        let uid = wait_for("the PipelineRun's TaskRun", EVENT_DEADLINE, || async {
-            let tr = get_taskrun_opt(&harness.client, &harness.ns.name, "pr-build").await?;
-            tr["metadata"]["uid"].as_str().map(str::to_owned)
-        })
-        .await;
-        let expected = [
-            ("compile", "started"),
-            ("compile", "failed"),
-            ("compile", "started"),
-            ("compile", "failed"),
-            ("compile", "started"),
-            ("compile", "succeeded"),
-        ];
-        let events = harness.received.wait_for_count(&uid, expected.len()).await;
-        assert_eq!(summary(&events), expect(&expected), "{}", harness.observer.log_text());
-        let ids: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
-        let want: Vec<String> = [
-            "started",
-            "failed",
-            "started-attempt-1",
-            "failed-attempt-1",
-            "started-attempt-2",
-            "succeeded-attempt-2",
-        ]
-        .iter()
-        .map(|suffix| {
-            let (kind, attempt) = suffix.split_once('-').unwrap_or((suffix, ""));
-            let ty = format!("{PREFIX}.{kind}.v1");
-            if attempt.is_empty() {
-                format!("{uid}-compile-{ty}")
-            } else {
-                format!("{uid}-compile-{ty}-{attempt}")
-            }
-        })
-        .collect();
-        assert_eq!(ids, want);
-        for (index, event) in events.iter().enumerate() {
-            let attempt = index / 2;
-            assert_eq!(data(event)["attempt"], attempt, "{index}");
-            if index % 2 == 1 {
-                assert_eq!(log_of(event), format!("attempt {attempt}\n"));
-                assert!(data(event)["podRef"]["name"].is_string());
-            }
-        }
+    let harness = Harness::start("retries", &[]).await;
+    let pipeline_runs = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tekton.dev", "v1", "PipelineRun"),
+        "pipelineruns",
+    );
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(harness.client.clone(), &harness.ns.name, &pipeline_runs);
+    let run: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "tekton.dev/v1",
+        "kind": "PipelineRun",
+        "metadata": {"name": "pr"},
+        "spec": {"pipelineSpec": {"tasks": [{
+            "name": "build",
+            "retries": 2,
+            "taskSpec": {"steps": [step(
+                "compile",
+                "#!/bin/sh\necho attempt $(context.task.retry-count)\ntest $(context.task.retry-count) -ge 2",
+            )]},
+        }]}},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &run)
+        .await
+        .expect("create PipelineRun");
+    let uid = wait_for("the PipelineRun's TaskRun", EVENT_DEADLINE, || async {
+        let tr = get_taskrun_opt(&harness.client, &harness.ns.name, "pr-build").await?;
+        tr["metadata"]["uid"].as_str().map(str::to_owned)
     })
     .await;
+    let expected = [
+        ("compile", "started"),
+        ("compile", "failed"),
+        ("compile", "started"),
+        ("compile", "failed"),
+        ("compile", "started"),
+        ("compile", "succeeded"),
+    ];
+    let events = harness.received.wait_for_count(&uid, expected.len()).await;
+    assert_eq!(
+        summary(&events),
+        expect(&expected),
+        "{}",
+        harness.observer.log_text()
+    );
+    let ids: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    let want: Vec<String> = [
+        "started",
+        "failed",
+        "started-attempt-1",
+        "failed-attempt-1",
+        "started-attempt-2",
+        "succeeded-attempt-2",
+    ]
+    .iter()
+    .map(|suffix| {
+        let (kind, attempt) = suffix.split_once('-').unwrap_or((suffix, ""));
+        let ty = format!("{PREFIX}.{kind}.v1");
+        if attempt.is_empty() {
+            format!("{uid}-compile-{ty}")
+        } else {
+            format!("{uid}-compile-{ty}-{attempt}")
+        }
+    })
+    .collect();
+    assert_eq!(ids, want);
+    for (index, event) in events.iter().enumerate() {
+        let attempt = index / 2;
+        assert_eq!(data(event)["attempt"], attempt, "{index}");
+        if index % 2 == 1 {
+            assert_eq!(log_of(event), format!("attempt {attempt}\n"));
+            assert!(data(event)["podRef"]["name"].is_string());
+        }
+    }
 }
