@@ -250,10 +250,10 @@ impl TaskRunBuilder {
         }
         // A container never created has no image ID (the kubelet reports it
         // once the container exists; Tekton omits it when empty).
-        if state.never_started || matches!(state.kind, StateKind::Waiting) {
-            if let Some(fields) = value.as_object_mut() {
-                fields.remove("imageID");
-            }
+        if (state.never_started || matches!(state.kind, StateKind::Waiting))
+            && let Some(fields) = value.as_object_mut()
+        {
+            fields.remove("imageID");
         }
         self.step_states.push(value);
     }
