@@ -245,6 +245,16 @@ fn render(plan: &Plan, snapshot: &Snapshot) -> TaskRun {
     .build()
 }
 
+/// NB: the model's states are written from Tekton's source, not captured
+/// from runs (the real-entrypoint fixtures in tests/fixtures/ are):
+/// - `Killed` mirrors `terminateStepsInPod` (pkg/reconciler/taskrun/taskrun.go,
+///   v1.15.0 lines 1034-1065, v1.9.2 around line 931): exit 1, the run's
+///   reason, and for a container that was still waiting `startedAt` = the
+///   TaskRun's creation time and no image ID;
+/// - `SkippedByEntrypoint` mirrors `Entrypointer.Go` (pkg/entrypoint/
+///   entrypointer.go: `ErrSkipPreviousStepFailed` adds Reason=Skipped, and the
+///   entrypoint exits 1);
+/// - `legacy_tekton` mirrors Tekton before `terminationReason` existed.
 fn step_state(plan: &Plan, step: &StepPlan, container: Container) -> StepState {
     let state = match container {
         Container::Waiting => testing::waiting(),

@@ -109,13 +109,35 @@ impl Process {
         }
     }
 
-    /// Whether the container's PID 1 has started another process: for a Tekton step, that
-    /// its entrypoint stopped waiting and runs the step's own command.
+    /// Whether the container's command has started another process: for a Tekton step,
+    /// that its entrypoint stopped waiting and runs the step's own command.
+    ///
+    /// NB: while bwrap sets the sandbox up, the future PID 1 is still bwrap (or setpriv)
+    /// and may have a helper child of its own; only once it runs the container's command
+    /// do its children count.
     pub fn runs_a_command(&self) -> bool {
-        self.container_pid()
+        let Some(pid) = self
+            .container_pid()
             .and_then(|pid| u32::try_from(pid.as_raw()).ok())
-            .is_some_and(|pid| !child_pids(pid).is_empty())
+        else {
+            return false;
+        };
+        if is_sandbox_setup(pid) {
+            return false;
+        }
+        child_pids(pid)
+            .into_iter()
+            .filter_map(|child| u32::try_from(child.as_raw()).ok())
+            .any(|child| !is_sandbox_setup(child))
     }
+}
+
+/// Whether a process is still bwrap or setpriv setting a sandbox up, not a container's
+/// own program.
+fn is_sandbox_setup(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|name| matches!(name.trim(), "bwrap" | "setpriv"))
+        .unwrap_or(true)
 }
 
 /// The children of a process, from every one of its threads (Go forks from any thread).
