@@ -35,12 +35,15 @@ e2e: tools
 
 test: fmt-check lint unit e2e
 
-# hack/e2e once per pinned Tekton version (the newest, hack/tekton-latest, and
-# the LTS, hack/tekton-lts), each on a fresh cluster of its own in
-# MATRIX_CLUSTER_DIR/<version> (its logs stay there); a cluster running in
-# .cluster is neither used nor disturbed. A failing version does not stop the
-# next; one summary line per version at the end, non-zero exit if any failed.
-# `make test-matrix TEKTON_VERSIONS=v1.9.2` runs just one.
+# The end-to-end suite (hack/e2e without the fault suites, which `make test`
+# and `make reliability` run) once per pinned Tekton version (the newest,
+# hack/tekton-latest, and the LTS, hack/tekton-lts), each on a fresh cluster
+# of its own in MATRIX_CLUSTER_DIR/<version> (its logs stay there); a cluster
+# running in .cluster is neither used nor disturbed. A failing version does
+# not stop the next; one summary line per version at the end, non-zero exit
+# if any failed. `make test-matrix TEKTON_VERSIONS=v1.9.2` runs just one.
+# `CAPTURE_FIXTURES=1` also rewrites tests/fixtures/<version>/ from the runs.
+CAPTURE_FIXTURES ?= 0
 TEKTON_VERSIONS ?= $(foreach d,tekton-latest tekton-lts,$(shell cd hack/$(d) && go list -m -f '{{.Version}}' github.com/tektoncd/pipeline))
 MATRIX_CLUSTER_DIR ?= $(CURDIR)/.cluster/matrix
 
@@ -51,7 +54,12 @@ test-matrix: tools
 	for v in $$versions; do \
 	  echo ">> test-matrix: end-to-end suite with Tekton $$v" >&2; \
 	  start=$$SECONDS; \
-	  if TEKTON_VERSION=$$v TSO_CLUSTER_DIR="$(MATRIX_CLUSTER_DIR)/$$v" hack/e2e; then \
+	  capture=; \
+	  if [[ "$(CAPTURE_FIXTURES)" == 1 ]]; then \
+	    capture="$(CURDIR)/tests/fixtures/$$v"; rm -rf "$$capture"; mkdir -p "$$capture"; \
+	  fi; \
+	  if E2E_FAULT_SUITES=0 E2E_CAPTURE_FIXTURES="$$capture" TEKTON_VERSION=$$v \
+	     TSO_CLUSTER_DIR="$(MATRIX_CLUSTER_DIR)/$$v" hack/e2e; then \
 	    result=passed; \
 	  else \
 	    result="FAILED (exit $$?)"; failed=1; \

@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::cli::{ApiVersionChoice, DisplayArgs, DisplayOutput, RunArgs};
-use crate::controller::{self, Context, ControllerSettings};
+use crate::context::{Context, ControllerSettings};
+use crate::controller;
 use crate::display::{DisplayFormat, DisplaySettings};
 use crate::error::{Error, Result};
 use crate::event::EventSettings;
@@ -174,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sink,
         leader,
         metrics.clone(),
+        readiness.clone(),
     )?);
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -16,15 +16,16 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::controller::{Context, annotation_ledger, left_alone_by_backfill};
+use crate::context::{Context, Snapshot, annotation_ledger, owed_events};
 use crate::error::{Error, Result};
 use crate::event::{EventInput, StepLog, build_event, state_as_started};
 use crate::ledger::{Ledger, Settlement};
 use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
-use crate::sink::{DeliveryOutcome, retry_delay};
-use crate::steps::{StepEventKind, Transition, owed_transitions, run_facts};
-use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef, TaskRunStatus};
+use crate::sink::{DeliveryOutcome, RetryReason, retry_delay};
+use crate::step_event::StepEventKind;
+use crate::steps::{Transition, run_facts};
+use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef};
 
 /// Field manager of the ledger patch, so `kubectl get -o yaml --show-managed-fields`
 /// shows who wrote the annotation.
@@ -34,23 +35,6 @@ pub const FIELD_MANAGER: &str = "tekton-step-observer";
 /// retried this many times, each on a fresh read, before the patch waits for
 /// the next round.
 const MAX_PATCH_ATTEMPTS: usize = 5;
-
-/// What the worker knows of its TaskRun at one moment.
-#[derive(Debug)]
-pub struct Snapshot {
-    /// Identity.
-    pub taskrun: TaskRunRef,
-    /// For the conditional patch.
-    pub resource_version: Option<String>,
-    /// The status, stripped.
-    pub status: Option<TaskRunStatus>,
-    /// The ledger annotation's raw value.
-    pub annotation: Option<String>,
-    /// The TaskRun is gone.
-    pub deleted: bool,
-    /// When the watch delivered it.
-    pub seen_at: Instant,
-}
 
 /// One event of a TaskRun: its attempt, step and kind.
 type EventKey = (u32, usize, StepEventKind);
@@ -98,25 +82,14 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let uid = snapshot.taskrun.uid.clone();
-        let Ok(facts) = run_facts(snapshot.status.as_ref()) else {
+        let Some(owed) = owed_events(&ctx, &snapshot) else {
             return;
         };
-        let (mut ledger, malformed) = annotation_ledger(snapshot.annotation.as_deref());
-        if let Some(problem) = malformed.filter(|_| !reported_malformed) {
+        if let Some(problem) = owed.malformed_ledger.filter(|_| !reported_malformed) {
             reported_malformed = true;
             report_malformed_ledger(&ctx, &snapshot.taskrun, &problem).await;
         }
-        let has_ledger = snapshot.annotation.is_some() || !ctx.memory_ledger(&uid).is_empty();
-        if left_alone_by_backfill(
-            &facts.phase,
-            has_ledger,
-            chrono::Utc::now(),
-            ctx.settings.backfill_window,
-        ) {
-            return;
-        }
-        ledger.merge(&ctx.memory_ledger(&uid));
-        let owed = owed_transitions(&facts, &ledger);
+        let owed = owed.transitions;
         if snapshot.deleted {
             if !owed.is_empty() && *ctx.leader.borrow() {
                 report_lost(&ctx, &snapshot, owed.len());
@@ -278,6 +251,7 @@ impl Round<'_> {
             let kind = transition.kind;
             match outcome {
                 DeliveryOutcome::Delivered { status } => {
+                    ctx.readiness.set_sink_refusal(None);
                     self.settle(transition, Settlement::Delivered);
                     ctx.metrics.record_delivered(kind, latency);
                     info!(taskrun = %taskrun.key(), step = %transition.step_name, event = transition.kind.as_str(), status, "event delivered");
@@ -311,6 +285,15 @@ impl Round<'_> {
                             .unwrap_or(crate::metrics::RetryReason::Other),
                     );
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "sink did not take the event; will retry");
+                    if reason == RetryReason::Unauthorized {
+                        ctx.readiness.set_sink_refusal(Some(detail.clone()));
+                        let note = format!(
+                            "The sink refused the {} event of step {} ({detail}): its credentials or configuration are wrong. The event is held and retried; nothing is dropped.",
+                            transition.kind.as_str(),
+                            transition.step_name
+                        );
+                        publish_warning(ctx, taskrun, "SinkUnauthorized", note).await;
+                    }
                     *pending = Some((key, event));
                     return RoundEnd::RetryAfter(retry_after.unwrap_or_default());
                 }

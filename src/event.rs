@@ -4,7 +4,8 @@ use cloudevents::{Event, EventBuilder, EventBuilderV10};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::steps::{StepEventKind, Transition};
+use crate::step_event::StepEventKind;
+use crate::steps::Transition;
 use crate::tekton::TaskRunRef;
 
 /// The default prefix of event types.

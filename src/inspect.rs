@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::app::{client_and_version, kube_config};
 use crate::cli::InspectArgs;
-use crate::controller::annotation_ledger;
+use crate::context::annotation_ledger;
 use crate::error::{Error, Result};
 use crate::steps::{owed_transitions, reached_transitions, run_facts};
 use crate::tekton::{TaskRun, ledger_annotation};

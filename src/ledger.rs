@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::steps::StepEventKind;
+use crate::step_event::StepEventKind;
 
 /// How an event was settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod context;
 pub mod controller;
 pub mod delivery;
 pub mod display;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod server;
 pub mod sink;
 pub mod sink_config;
+pub mod step_event;
 pub mod steps;
 pub mod tekton;
 #[doc(hidden)]

@@ -36,7 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::steps::StepEventKind;
+use crate::step_event::StepEventKind;
 
 /// Prefix of every metric name, so that they group together in Prometheus.
 pub const METRIC_PREFIX: &str = "tekton_step_observer";
@@ -109,19 +109,23 @@ pub enum RetryReason {
     NotFound,
     /// The sink answered 409.
     Conflict,
+    /// The sink answered 401 or 403: its credentials or configuration are
+    /// wrong, which an operator fixes; events are held meanwhile.
+    Unauthorized,
     /// Anything else.
     Other,
 }
 
 impl RetryReason {
     /// Every variant, to create all series up front.
-    pub const ALL: [RetryReason; 7] = [
+    pub const ALL: [RetryReason; 8] = [
         RetryReason::Connect,
         RetryReason::Timeout,
         RetryReason::ServerError,
         RetryReason::Throttled,
         RetryReason::NotFound,
         RetryReason::Conflict,
+        RetryReason::Unauthorized,
         RetryReason::Other,
     ];
 
@@ -134,6 +138,7 @@ impl RetryReason {
             RetryReason::Throttled => "throttled",
             RetryReason::NotFound => "not_found",
             RetryReason::Conflict => "conflict",
+            RetryReason::Unauthorized => "unauthorized",
             RetryReason::Other => "other",
         }
     }

@@ -51,6 +51,8 @@ struct ReadinessInner {
     live: AtomicBool,
     watch_synced: AtomicBool,
     sink: RwLock<SinkState>,
+    /// Why the sink refuses our credentials (401/403), while it does.
+    sink_refusal: RwLock<Option<String>>,
 }
 
 /// State behind `/healthz` and `/readyz`, shared between the controller (which
@@ -74,6 +76,7 @@ impl Readiness {
                 live: AtomicBool::new(true),
                 watch_synced: AtomicBool::new(false),
                 sink: RwLock::new(SinkState::NotConfigured),
+                sink_refusal: RwLock::new(None),
             }),
         }
     }
@@ -95,6 +98,16 @@ impl Readiness {
             .unwrap_or_else(PoisonError::into_inner) = state;
     }
 
+    /// The sink refuses our credentials (401/403), or accepts them again
+    /// (`None`): events are held meanwhile, and `/readyz` says so.
+    pub fn set_sink_refusal(&self, refusal: Option<String>) {
+        *self
+            .inner
+            .sink_refusal
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = refusal;
+    }
+
     /// Set to false when one of the process's main loops has ended for good,
     /// so that the kubelet restarts the container.
     pub fn set_live(&self, live: bool) {
@@ -106,9 +119,16 @@ impl Readiness {
         self.inner.live.load(Ordering::Acquire)
     }
 
-    /// `Ok` when ready, else one line per missing condition.
-    pub fn check(&self) -> std::result::Result<(), Vec<String>> {
+    /// `Ok` with notes when ready (things a user should know that do not
+    /// keep the observer from doing its job), else one line per missing
+    /// condition, notes included.
+    ///
+    /// NB: no sink at all is a note, not a failure: a fresh install on a
+    /// cluster where Tekton has no sink yet must not stall its rollout; the
+    /// events wait for a sink to appear.
+    pub fn check(&self) -> std::result::Result<Vec<String>, Vec<String>> {
         let mut missing = Vec::new();
+        let mut notes = Vec::new();
         if !self.inner.watch_synced.load(Ordering::Acquire) {
             missing.push("taskrun watch: not synced yet".to_owned());
         }
@@ -120,15 +140,28 @@ impl Readiness {
         {
             SinkState::Configured => {}
             SinkState::NotConfigured => {
-                missing.push(format!("sink: not configured ({SINK_HINT})"));
+                notes.push(format!(
+                    "sink: not configured; events are held until one is ({SINK_HINT})"
+                ));
             }
             SinkState::Invalid { reason } => {
                 missing.push(format!("sink: invalid: {reason} ({SINK_HINT})"));
             }
         }
+        if let Some(refusal) = &*self
+            .inner
+            .sink_refusal
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            notes.push(format!(
+                "sink: refuses our credentials ({refusal}); events are held and retried"
+            ));
+        }
         if missing.is_empty() {
-            Ok(())
+            Ok(notes)
         } else {
+            missing.extend(notes);
             Err(missing)
         }
     }
@@ -197,7 +230,14 @@ async fn healthz_handler(State(state): State<AppState>) -> Response {
 
 async fn readyz_handler(State(state): State<AppState>) -> Response {
     match state.readiness.check() {
-        Ok(()) => text(StatusCode::OK, "ok\n".to_owned()),
+        Ok(notes) => {
+            let mut body = String::from("ok\n");
+            for note in notes {
+                body.push_str(&note);
+                body.push('\n');
+            }
+            text(StatusCode::OK, body)
+        }
         Err(missing) => {
             let mut body = missing.join("\n");
             body.push('\n');
@@ -213,7 +253,7 @@ fn text(status: StatusCode, body: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::steps::StepEventKind;
+    use crate::step_event::StepEventKind;
     use axum::body::Body;
     use axum::http::Request;
     use std::time::Duration;
@@ -277,15 +317,15 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(content_type, TEXT_CONTENT_TYPE);
         assert!(body.contains("taskrun watch: not synced yet"), "{body}");
-        assert!(
-            body.contains(
-                "sink: not configured (set --sink, config-events 'sink' or \
-                 config-defaults 'default-cloud-events-sink')"
-            ),
-            "{body}"
-        );
+        let no_sink = "sink: not configured; events are held until one is (set --sink, \
+                       config-events 'sink' or config-defaults 'default-cloud-events-sink')";
+        assert!(body.contains(no_sink), "{body}");
 
+        // No sink does not keep a fresh install from becoming ready.
         readiness.set_watch_synced(true);
+        let (status, _, body) = get(app.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("ok\n") && body.contains(no_sink), "{body}");
         readiness.set_sink(SinkState::Invalid {
             reason: "not an absolute http(s) URL".to_owned(),
         });
@@ -298,7 +338,23 @@ mod tests {
         );
 
         readiness.set_sink(SinkState::Configured);
-        assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(app.clone(), "/readyz").await,
+            (
+                StatusCode::OK,
+                TEXT_CONTENT_TYPE.to_owned(),
+                "ok\n".to_owned()
+            )
+        );
+
+        readiness.set_sink_refusal(Some("HTTP 401".to_owned()));
+        let (status, _, body) = get(app.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("sink: refuses our credentials (HTTP 401); events are held and retried"),
+            "{body}"
+        );
+        readiness.set_sink_refusal(None);
 
         readiness.set_watch_synced(false);
         assert_eq!(get(app, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);

@@ -296,6 +296,8 @@ impl SinkClient {
 /// - 2xx: delivered.
 /// - 404 (a Knative broker or route not ready yet), 408, 409, 429 and every
 ///   5xx: retry.
+/// - 401 and 403: retry too. The sink's credentials or configuration are
+///   wrong, which an operator fixes; until then the events are held.
 /// - 3xx: rejected. Redirects are not followed for POST: 301/302/303 would
 ///   turn into a body-less GET, and following 307/308 would move events to a
 ///   place the operator did not configure; the sink URL should be fixed
@@ -309,6 +311,7 @@ pub fn classify(status: u16) -> StatusClass {
         404 => StatusClass::Retry(RetryReason::NotFound),
         408 => StatusClass::Retry(RetryReason::Timeout),
         409 => StatusClass::Retry(RetryReason::Conflict),
+        401 | 403 => StatusClass::Retry(RetryReason::Unauthorized),
         429 => StatusClass::Retry(RetryReason::Throttled),
         500..=599 => StatusClass::Retry(RetryReason::ServerError),
         _ => StatusClass::Rejected,
@@ -547,8 +550,8 @@ mod tests {
             (307, Rejected),
             (308, Rejected),
             (400, Rejected),
-            (401, Rejected),
-            (403, Rejected),
+            (401, Retry(Unauthorized)),
+            (403, Retry(Unauthorized)),
             (404, Retry(NotFound)),
             (408, Retry(Timeout)),
             (409, Retry(Conflict)),

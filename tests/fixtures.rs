@@ -1,8 +1,11 @@
-//! The decision table on TaskRuns captured from the real Tekton controller
-//! (`tests/fixtures/`, written by `E2E_CAPTURE_FIXTURES=tests/fixtures make e2e`).
+//! The decision table on TaskRuns captured from real runs: the real Tekton
+//! controller, and Tekton's real entrypoint in every pod (the local cluster's
+//! node agent). One folder per Tekton version, `tests/fixtures/<version>/`,
+//! written by `make test-matrix CAPTURE_FIXTURES=1` (the e2e suite once per
+//! pinned Tekton version, saving each finished TaskRun).
 
 use serde_json::Value;
-use tekton_step_observer::controller::annotation_ledger;
+use tekton_step_observer::context::annotation_ledger;
 use tekton_step_observer::event::{EventInput, StepLog, build_event, cap_log};
 use tekton_step_observer::ledger::Ledger;
 use tekton_step_observer::steps::{owed_transitions, reached_transitions, run_facts};
@@ -10,9 +13,22 @@ use tekton_step_observer::tekton::{
     LEDGER_ANNOTATION, TaskRun, TaskRunRef, TektonVersion, ledger_annotation,
 };
 
+/// The Tekton versions fixtures were captured with: the newest pinned one
+/// and the LTS line.
+const TEKTON_VERSIONS: [&str; 2] = ["v1.15.0", "v1.9.2"];
+
+/// A fixture of the newest Tekton.
 fn fixture(name: &str) -> Value {
-    let path = format!("{}/tests/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    fixture_of(TEKTON_VERSIONS[0], name)
+}
+
+fn fixture_of(version: &str, name: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/{version}/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
 }
 
 fn taskrun(value: Value) -> TaskRun {
@@ -25,6 +41,15 @@ fn reached(taskrun: &TaskRun) -> Vec<(String, &'static str)> {
     reached_transitions(&facts)
         .into_iter()
         .map(|t| (t.step_name, t.kind.as_str()))
+        .collect()
+}
+
+/// The attempt of every event the TaskRun calls for, in order.
+fn attempts(taskrun: &TaskRun) -> Vec<u32> {
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    reached_transitions(&facts)
+        .into_iter()
+        .map(|t| t.attempt)
         .collect()
 }
 
@@ -94,22 +119,127 @@ fn real_taskruns_call_for_the_expected_events() {
             "v1beta1",
             vec![("a", s), ("a", ok), ("b", s), ("b", failed)],
         ),
+        (
+            "real-script",
+            vec![("greet", s), ("greet", ok), ("count", s), ("count", failed)],
+        ),
+        ("no-network", vec![("dial", s), ("dial", failed)]),
+        (
+            "step-timeout",
+            vec![("slow", s), ("slow", failed), ("after", skipped)],
+        ),
+        (
+            "real-continue",
+            vec![("lint", s), ("lint", failed), ("test", s), ("test", ok)],
+        ),
+        (
+            "step-results",
+            vec![
+                ("write", s),
+                ("write", ok),
+                ("greet", s),
+                ("greet", ok),
+                ("read", s),
+                ("read", ok),
+            ],
+        ),
+        (
+            "step-action",
+            vec![("action", s), ("action", ok), ("after", s), ("after", ok)],
+        ),
+        ("sidecar", vec![("use", s), ("use", ok)]),
+        (
+            "real-cancel",
+            vec![
+                ("first", s),
+                ("first", ok),
+                ("long", s),
+                ("long", failed),
+                ("after", skipped),
+            ],
+        ),
+        (
+            "oom",
+            vec![
+                ("warm", s),
+                ("warm", ok),
+                ("grow", s),
+                ("grow", failed),
+                ("never", skipped),
+            ],
+        ),
+        (
+            "evicted",
+            vec![("work", s), ("work", failed), ("after", skipped)],
+        ),
+        (
+            "step-when",
+            vec![
+                ("first", s),
+                ("first", ok),
+                ("gated", skipped),
+                ("last", s),
+                ("last", ok),
+            ],
+        ),
+        ("image-pull", vec![("pull", skipped), ("after", skipped)]),
+        ("cancel-pending", vec![("a", skipped), ("b", skipped)]),
+        (
+            "retries",
+            vec![
+                ("compile", s),
+                ("compile", failed),
+                ("compile", s),
+                ("compile", failed),
+                ("compile", s),
+                ("compile", ok),
+            ],
+        ),
     ];
-    for (name, expected) in cases {
-        let tr = taskrun(fixture(name));
-        assert_eq!(reached(&tr), pairs(&expected), "fixture {name}");
-        // The observer that ran against it settled everything: nothing owed.
-        let (ledger, error) = annotation_ledger(ledger_annotation(&tr.metadata));
-        assert!(error.is_none(), "fixture {name}: {error:?}");
-        let facts = run_facts(tr.status.as_ref()).unwrap();
-        assert!(
-            owed_transitions(&facts, &ledger).is_empty(),
-            "fixture {name} owes events"
-        );
-        // Without a ledger, all of them are owed.
+    for version in TEKTON_VERSIONS {
+        for (name, expected) in &cases {
+            check_fixture(version, name, expected);
+        }
+    }
+}
+
+/// One captured TaskRun calls for exactly `expected`, and the observer that
+/// ran against it settled all of it.
+fn check_fixture(version: &str, name: &str, expected: &[(&str, &'static str)]) {
+    let tr = taskrun(fixture_of(version, name));
+    assert_eq!(reached(&tr), pairs(expected), "fixture {version}/{name}");
+    if name == "retries" {
         assert_eq!(
-            owed_transitions(&facts, &Ledger::default()).len(),
-            expected.len()
+            attempts(&tr),
+            vec![0, 0, 1, 1, 2, 2],
+            "fixture {version}/{name}"
+        );
+    }
+    // The observer that ran against it settled everything: nothing owed.
+    let (ledger, error) = annotation_ledger(ledger_annotation(&tr.metadata));
+    assert!(error.is_none(), "fixture {version}/{name}: {error:?}");
+    let facts = run_facts(tr.status.as_ref()).unwrap();
+    assert!(
+        owed_transitions(&facts, &ledger).is_empty(),
+        "fixture {version}/{name} owes events"
+    );
+    // Without a ledger, all of them are owed.
+    assert_eq!(
+        owed_transitions(&facts, &Ledger::default()).len(),
+        expected.len(),
+        "fixture {version}/{name}"
+    );
+}
+
+#[test]
+fn fixtures_carry_their_tekton_version() {
+    // The capture stamps each fixture with the Tekton it ran on; the folder
+    // must say the same.
+    for version in TEKTON_VERSIONS {
+        let value = fixture_of(version, "success");
+        assert_eq!(
+            value["metadata"]["annotations"]["tekton-step-observer.dev/captured-with-tekton"],
+            version
         );
     }
 }

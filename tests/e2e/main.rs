@@ -10,6 +10,7 @@ mod support;
 mod workload;
 
 mod real_entrypoint;
+mod sink_policy;
 
 use std::collections::HashSet;
 
@@ -22,6 +23,8 @@ const PREFIX: &str = "dev.tekton.event.plugin.step";
 /// One test's namespace, receiver and observer (watching that namespace,
 /// sending to that receiver, plus `extra` flags).
 struct Harness {
+    /// The test's name: its namespace's prefix and its fixture's name.
+    test: String,
     client: kube::Client,
     ns: TestNamespace,
     received: Received,
@@ -38,6 +41,7 @@ impl Harness {
         args.extend_from_slice(extra);
         let observer = Observer::start(test, &args, None).await;
         Harness {
+            test: test.to_owned(),
             client,
             ns,
             received,
@@ -59,6 +63,7 @@ async fn run_case(
         ns,
         received,
         observer,
+        ..
     } = Harness::start(test, &[]).await;
     let uid = create_taskrun(&client, &ns.name, taskrun_manifest("v1", "tr", steps, None)).await;
     let events = received.wait_for_count(&uid, expected.len()).await;
@@ -318,6 +323,7 @@ async fn timeout_mid_step_fails_the_running_step_and_skips_the_rest() {
         ns,
         received,
         observer,
+        ..
     } = Harness::start("timeout", &[]).await;
     let steps = [ok("quick"), ok("slow").lasting(120_000), ok("never")];
     let uid = create_taskrun(
@@ -353,6 +359,7 @@ async fn cancelled_taskrun_fails_the_running_step_and_skips_the_rest() {
         ns,
         received,
         observer,
+        ..
     } = Harness::start("cancel", &[]).await;
     let steps = [ok("first"), ok("long").lasting(120_000), ok("after")];
     let uid = create_taskrun(
@@ -397,6 +404,7 @@ async fn v1beta1_taskruns_are_read_through_v1beta1() {
         ns,
         received,
         observer,
+        ..
     } = Harness::start("v1beta1", &["--tekton-api-version", "v1beta1"]).await;
     let uid = create_taskrun(
         &client,

@@ -50,6 +50,7 @@ async fn run_taskrun(
         ns,
         received,
         observer,
+        test,
     } = harness;
     let uid = create_taskrun(client, &ns.name, manifest).await;
     let events = received.wait_for_count(&uid, expected.len()).await;
@@ -62,6 +63,7 @@ async fn run_taskrun(
     let taskrun = wait_for_ledger(client, &ns.name, "tr", expected.len()).await;
     assert_events_well_formed(&events, &uid, &ns.name, "tr");
     let finished = wait_finished(client, &ns.name, "tr").await;
+    capture_fixture(client, &ns.name, "tr", test).await;
     assert_eq!(
         received.for_taskrun(&uid).len(),
         expected.len(),
@@ -354,6 +356,7 @@ async fn cancel_while_the_second_step_runs() {
     let taskrun = wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
     assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
     assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+    capture_fixture(&harness.client, &harness.ns.name, "tr", &harness.test).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -495,6 +498,7 @@ async fn cancel_while_the_pod_is_pending_skips_every_step() {
     let taskrun = wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
     assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
     assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+    capture_fixture(&harness.client, &harness.ns.name, "tr", &harness.test).await;
 }
 
 /// A PipelineTask with `retries: 2` that fails twice, then succeeds: Tekton
@@ -566,12 +570,47 @@ async fn retries_give_every_attempt_its_own_events() {
     })
     .collect();
     assert_eq!(ids, want);
+    let mut pods = Vec::new();
     for (index, event) in events.iter().enumerate() {
         let attempt = index / 2;
         assert_eq!(data(event)["attempt"], attempt, "{index}");
+        assert_eq!(
+            event.extension("attempt").map(|v| v.to_string()),
+            Some(attempt.to_string())
+        );
+        let sequence: usize = event
+            .extension("sequence")
+            .map(|v| v.to_string())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        assert_eq!(
+            sequence,
+            index + 1,
+            "sequence keeps increasing across attempts"
+        );
         if index % 2 == 1 {
+            // Each attempt's terminal event carries that attempt's own pod
+            // and log.
             assert_eq!(log_of(event), format!("attempt {attempt}\n"));
-            assert!(data(event)["podRef"]["name"].is_string());
+            let pod = data(event)["podRef"]["name"].as_str().map(str::to_owned);
+            assert!(pod.is_some(), "{index}: {:?}", data(event));
+            pods.push(pod);
         }
     }
+    pods.dedup();
+    assert_eq!(pods.len(), 3, "one pod per attempt: {pods:?}");
+    let taskrun = wait_for_ledger(
+        &harness.client,
+        &harness.ns.name,
+        "pr-build",
+        expected.len(),
+    )
+    .await;
+    assert_eq!(
+        harness.received.for_taskrun(&uid).len(),
+        expected.len(),
+        "no event arrives twice; ledger: {:?}",
+        ledger_of(&taskrun)
+    );
+    capture_fixture(&harness.client, &harness.ns.name, "pr-build", &harness.test).await;
 }

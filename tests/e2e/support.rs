@@ -507,15 +507,24 @@ pub fn expect(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// With `E2E_CAPTURE_FIXTURES=DIR`, saves a finished TaskRun as a fixture for
-/// the unit tests (`tests/fixtures/`), without managedFields.
+/// the unit tests (`tests/fixtures/<tekton version>/`), without managedFields,
+/// stamped with the Tekton version it ran on.
 pub async fn capture_fixture(client: &Client, namespace: &str, name: &str, fixture: &str) {
-    let Ok(dir) = std::env::var("E2E_CAPTURE_FIXTURES") else {
+    let Some(dir) = std::env::var("E2E_CAPTURE_FIXTURES")
+        .ok()
+        .filter(|dir| !dir.is_empty())
+    else {
         return;
     };
     let mut taskrun = wait_finished(client, namespace, name).await;
     if let Some(meta) = taskrun["metadata"].as_object_mut() {
         meta.remove("managedFields");
     }
+    // Which Tekton wrote it (hack/cluster exec exports the running one).
+    let version = std::env::var("TEKTON_VERSION").unwrap_or_else(|_| "unknown".to_owned());
+    taskrun["metadata"]["annotations"]["tekton-step-observer.dev/captured-with-tekton"] =
+        json!(version);
+    std::fs::create_dir_all(&dir).unwrap();
     let path = PathBuf::from(dir).join(format!("{fixture}.json"));
     std::fs::write(
         &path,

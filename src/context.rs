@@ -1,0 +1,307 @@
+//! What the watch tracker and the delivery workers share: the settings, the
+//! context every worker reads (clients, sink, leadership, metrics, the
+//! in-memory record of what this process settled), the snapshot a worker
+//! gets of its TaskRun, and the one function that works out what a TaskRun
+//! still owes. Neither `controller` nor `delivery` depends on the other.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::{Semaphore, watch};
+
+use crate::error::{Error, Result};
+use crate::event::EventSettings;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::server::Readiness;
+use crate::sink::{SinkClient, SinkSettings};
+use crate::sink_config::SinkState;
+use crate::steps::{RunPhase, Transition, owed_transitions, run_facts};
+use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
+
+/// The name the controller reports Kubernetes Events under.
+pub const REPORTER: &str = "tekton-step-observer";
+
+/// Settings of the controller, validated from the CLI.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Label selector on TaskRuns.
+    pub label_selector: Option<String>,
+    /// How events are named.
+    pub events: EventSettings,
+    /// How events are sent.
+    pub sink: SinkSettings,
+    /// Cap on a carried log.
+    pub log_limit_bytes: usize,
+    /// TaskRuns finished longer ago than this, with no ledger, are left alone.
+    pub backfill_window: Duration,
+    /// Bound on TaskRuns delivering at once.
+    pub max_concurrent_deliveries: usize,
+    /// First retry delay.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_cap: Duration,
+    /// This replica's name, for Events.
+    pub identity: String,
+}
+
+/// What every worker shares.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// The TaskRun API version read.
+    pub version: TektonVersion,
+    /// Settings.
+    pub settings: ControllerSettings,
+    /// HTTP client for the sink.
+    pub sink_client: SinkClient,
+    /// Current sink.
+    pub sink: watch::Receiver<SinkState>,
+    /// Whether this replica may send and patch.
+    pub leader: watch::Receiver<bool>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// What `/readyz` reports (the sink refusing credentials).
+    pub readiness: Readiness,
+    /// Publishes Kubernetes Events on TaskRuns.
+    pub recorder: Recorder,
+    /// What this process settled, by TaskRun uid, until the TaskRun is
+    /// deleted. Guards against a cache that lags behind our own patch, and
+    /// against the annotation losing entries after we wrote it (see
+    /// [`Context::ledger_regressed`]): what is remembered is never sent again.
+    memory: Mutex<HashMap<String, Remembered>>,
+    /// Bounds concurrent deliveries.
+    pub delivery_slots: Semaphore,
+}
+
+impl Context {
+    /// Builds the shared context.
+    pub fn new(
+        client: Client,
+        version: TektonVersion,
+        settings: ControllerSettings,
+        sink: watch::Receiver<SinkState>,
+        leader: watch::Receiver<bool>,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> Result<Self> {
+        let sink_client = SinkClient::new(&settings.sink)?;
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: REPORTER.to_owned(),
+                instance: Some(settings.identity.clone()),
+            },
+        );
+        let slots = settings.max_concurrent_deliveries;
+        Ok(Context {
+            client,
+            version,
+            settings,
+            sink_client,
+            sink,
+            leader,
+            metrics,
+            readiness,
+            recorder,
+            memory: Mutex::new(HashMap::new()),
+            delivery_slots: Semaphore::new(slots),
+        })
+    }
+
+    /// The TaskRun API at our version in `namespace`.
+    pub fn taskruns(&self, namespace: &str) -> Api<TaskRun> {
+        Api::namespaced_with(self.client.clone(), namespace, &self.version.api_resource())
+    }
+
+    fn memory(&self) -> MutexGuard<'_, HashMap<String, Remembered>> {
+        // A panic while holding the lock cannot leave a ledger half-merged
+        // (merges are bit-ors), so a poisoned lock is safe to keep using.
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The in-memory ledger of a TaskRun (empty if none).
+    pub fn memory_ledger(&self, uid: &str) -> Ledger {
+        self.memory()
+            .get(uid)
+            .map(|r| r.ledger.clone())
+            .unwrap_or_default()
+    }
+
+    /// Adds settled events to the in-memory ledger.
+    pub fn remember(&self, uid: &str, settled: &Ledger) {
+        self.memory()
+            .entry(uid.to_owned())
+            .or_default()
+            .ledger
+            .merge(settled);
+    }
+
+    /// Notes the resourceVersion our ledger patch of a TaskRun produced.
+    pub fn wrote_ledger(&self, uid: &str, resource_version: Option<String>) {
+        if let Some(remembered) = self.memory().get_mut(uid) {
+            remembered.written = resource_version;
+        }
+    }
+
+    /// Whether the snapshot's annotation lacks events this process settled
+    /// and recorded, although the snapshot is not older than our last write
+    /// of it: the ledger lost entries, and must be written again. Tekton's
+    /// controller does that: its `updateLabelsAndAnnotations` writes the
+    /// annotations of the copy it began reconciling with over the current
+    /// ones, so a ledger patch landing during a reconcile is undone.
+    /// resourceVersions of etcd-backed objects are integers that grow with
+    /// every write; one that is not is taken as newer, which costs at most a
+    /// conditional patch answered with 409.
+    pub fn ledger_regressed(&self, snapshot: &Snapshot) -> bool {
+        let memory = self.memory();
+        let Some(remembered) = memory.get(&snapshot.taskrun.uid) else {
+            return false;
+        };
+        let Some(written) = remembered.written.as_deref() else {
+            return false;
+        };
+        let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
+        if annotation.covers(&remembered.ledger) {
+            return false;
+        }
+        not_older_than(snapshot.resource_version.as_deref(), written)
+    }
+
+    /// Drops what was remembered of a TaskRun (it is gone).
+    pub fn forget(&self, uid: &str) {
+        self.memory().remove(uid);
+    }
+
+    /// How many TaskRuns are remembered.
+    pub fn remembered(&self) -> usize {
+        self.memory().len()
+    }
+}
+
+/// Whether an object seen at resourceVersion `seen` is not older than the
+/// version `written` one of our writes produced. Versions that are not
+/// integers cannot be ordered and count as not older.
+fn not_older_than(seen: Option<&str>, written: &str) -> bool {
+    match (seen.map(str::parse::<u64>), written.parse::<u64>()) {
+        (Some(Ok(seen)), Ok(written)) => seen >= written,
+        _ => true,
+    }
+}
+
+/// What this process settled for one TaskRun.
+#[derive(Default)]
+struct Remembered {
+    /// Events settled at the sink.
+    ledger: Ledger,
+    /// The resourceVersion our last ledger patch produced.
+    written: Option<String>,
+}
+
+/// What the worker knows of its TaskRun at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Identity.
+    pub taskrun: TaskRunRef,
+    /// For the conditional patch.
+    pub resource_version: Option<String>,
+    /// The status, stripped.
+    pub status: Option<TaskRunStatus>,
+    /// The ledger annotation's raw value.
+    pub annotation: Option<String>,
+    /// The TaskRun is gone.
+    pub deleted: bool,
+    /// When the watch delivered it.
+    pub seen_at: Instant,
+}
+
+/// Whether a TaskRun is left alone by the backfill rule: it finished longer
+/// than `window` ago and nobody ever recorded a ledger for it.
+pub fn left_alone_by_backfill(
+    phase: &RunPhase,
+    has_ledger: bool,
+    now: DateTime<Utc>,
+    window: Duration,
+) -> bool {
+    if has_ledger {
+        return false;
+    }
+    match phase {
+        RunPhase::Finished { at: Some(at), .. } => {
+            let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+            now.signed_duration_since(*at) > window
+        }
+        _ => false,
+    }
+}
+
+/// Parses a TaskRun's ledger annotation; a malformed one counts as empty
+/// (the worker reports it).
+pub fn annotation_ledger(annotation: Option<&str>) -> (Ledger, Option<Error>) {
+    match annotation.map(Ledger::parse) {
+        None => (Ledger::default(), None),
+        Some(Ok(ledger)) => (ledger, None),
+        Some(Err(error)) => (Ledger::default(), Some(error)),
+    }
+}
+
+/// What a TaskRun still owes at one snapshot.
+pub struct Owed {
+    /// The events, in order.
+    pub transitions: Vec<Transition>,
+    /// Why the ledger annotation was unreadable (it then counts as empty).
+    pub malformed_ledger: Option<Error>,
+}
+
+/// Works out what a snapshot still owes, given the annotation and what this
+/// process settled: the one place that decides it, for the watch tracker
+/// (whether to run a worker) and the delivery worker (what to send) alike.
+/// `None` when nothing can be owed: the status cannot be decided yet, or the
+/// backfill rule leaves the TaskRun alone.
+pub fn owed_events(ctx: &Context, snapshot: &Snapshot) -> Option<Owed> {
+    let facts = run_facts(snapshot.status.as_ref()).ok()?;
+    let (mut ledger, malformed_ledger) = annotation_ledger(snapshot.annotation.as_deref());
+    let remembered = ctx.memory_ledger(&snapshot.taskrun.uid);
+    if left_alone_by_backfill(
+        &facts.phase,
+        snapshot.annotation.is_some() || !remembered.is_empty(),
+        Utc::now(),
+        ctx.settings.backfill_window,
+    ) {
+        return None;
+    }
+    ledger.merge(&remembered);
+    Some(Owed {
+        transitions: owed_transitions(&facts, &ledger),
+        malformed_ledger,
+    })
+}
+
+/// The number of events a snapshot still owes.
+pub fn owed_count(ctx: &Context, snapshot: &Snapshot) -> usize {
+    owed_events(ctx, snapshot).map_or(0, |owed| owed.transitions.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_before_our_write_is_older() {
+        assert!(!not_older_than(Some("41"), "42"));
+        assert!(not_older_than(Some("42"), "42"));
+        assert!(not_older_than(Some("100"), "42"));
+        // Unordered versions count as newer: at worst a conditional patch
+        // that answers 409.
+        assert!(not_older_than(Some("abc"), "42"));
+        assert!(not_older_than(None, "42"));
+        assert!(not_older_than(Some("41"), "x"));
+    }
+}
