@@ -125,7 +125,12 @@ reliability: tools
 	  rm -rf "$(RELIABILITY_DIR)/$$suite" && mkdir -p "$(RELIABILITY_DIR)/$$suite"; \
 	  RELIABILITY_DIR="$(RELIABILITY_DIR)/$$suite" hack/cluster exec -- \
 	    $(CARGO) test --offline --features e2e --test "$$suite" -- \
-	    --test-threads $(RELIABILITY_TEST_THREADS) || status=$$?; \
+	    --test-threads $(RELIABILITY_TEST_THREADS) --skip disruptive:: || status=$$?; \
+	done; \
+	for suite in $(filter faults_cluster,$(FAULT_SUITES)); do \
+	  RELIABILITY_DIR="$(RELIABILITY_DIR)/$$suite" hack/cluster exec -- \
+	    $(CARGO) test --offline --features e2e --test "$$suite" -- \
+	    --test-threads 1 disruptive:: || status=$$?; \
 	done; \
 	hack/reliability-report "$(RELIABILITY_DIR)" "$(CURDIR)/RELIABILITY.md"; \
 	exit $$status

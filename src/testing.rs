@@ -1,6 +1,6 @@
 //! Builders of TaskRuns shaped like the ones the Tekton controller writes,
 //! for unit tests and benchmarks. Real captured TaskRuns live in
-//! `tests/fixtures/`.
+//! `tests/fixtures/<tekton version>/`.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

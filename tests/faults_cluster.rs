@@ -1082,8 +1082,9 @@ async fn component_restart_case(case: &str, component: &'static str) {
 }
 
 /// Restart the API server or etcd under the running workload. They run
-/// alone, after everything else (`hack/e2e` runs `disruptive::` last, one at
-/// a time), as they take the whole cluster's API away for a while.
+/// alone, after everything else (`hack/e2e` and `make reliability` run
+/// `disruptive::` in a run of its own, after the other cases), as they take
+/// the whole cluster's API away for a while.
 mod disruptive {
     use super::component_restart_case;
 

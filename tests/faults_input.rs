@@ -186,14 +186,6 @@ async fn assert_alive(observer: &mut Observer) {
     assert_eq!(status, 200, "/healthz");
 }
 
-async fn readyz(observer: &Observer) -> (u16, String) {
-    let response = reqwest::get(format!("http://{}/readyz", observer.metrics))
-        .await
-        .expect("readyz");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
-}
-
 /// Waits until the observer's log contains `needle`; returns the line.
 async fn wait_for_log_line(observer: &Observer, needle: &str) -> String {
     let found = try_wait_for(EVENT_DEADLINE, || async {
@@ -760,7 +752,7 @@ async fn invalid_sink_url_is_reported_and_events_are_held() {
     .await;
     let line = wait_for_log_line(&observer, "CloudEvents sink is not valid").await;
     assert!(line.contains("not-a-url"), "{line}");
-    let (status, body) = readyz(&observer).await;
+    let (status, body) = observer.readyz().await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("sink") && body.contains("invalid") && body.contains("not-a-url"),
@@ -783,7 +775,7 @@ async fn invalid_sink_url_is_reported_and_events_are_held() {
         (depth >= 1.0).then_some(())
     })
     .await;
-    let (status, _) = readyz(&observer).await;
+    let (status, _) = observer.readyz().await;
     assert_eq!(status, 503);
     assert_alive(&mut observer).await;
     drop(observer);
@@ -800,7 +792,7 @@ async fn unusable_sink_holds_events(test: &str, sink: &str, detail: &str) -> Str
         Observer::start(test, &["--namespace", &ns.name, "--sink", sink], None).await;
     // A well-formed URL is a configured sink: ready once the watch synced.
     wait_for("/readyz 200", EVENT_DEADLINE, || async {
-        (readyz(&observer).await.0 == 200).then_some(())
+        (observer.readyz().await.0 == 200).then_some(())
     })
     .await;
     let uid = create_taskrun(

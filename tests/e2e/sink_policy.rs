@@ -17,14 +17,6 @@ fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
-async fn readyz(observer: &Observer) -> (u16, String) {
-    let response = reqwest::get(format!("http://{}/readyz", observer.metrics))
-        .await
-        .expect("readyz");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
-}
-
 /// A sink answering 401 (then 403) is misconfigured, not refusing the event:
 /// the events are held and retried, `/readyz`, a metric and a Warning Event
 /// say so, and once the sink accepts them they all arrive, none rejected.
@@ -49,7 +41,7 @@ async fn sink_refusing_credentials_holds_events_until_it_accepts() {
     )
     .await;
     harness.received.fail_with.store(403, Ordering::SeqCst);
-    let (status, body) = readyz(&harness.observer).await;
+    let (status, body) = harness.observer.readyz().await;
     assert_eq!(
         status, 200,
         "a refusing sink keeps the observer ready: {body}"
@@ -100,7 +92,7 @@ async fn sink_refusing_credentials_holds_events_until_it_accepts() {
             .any(|l| l.contains("outcome=\"rejected\"") && !l.trim_end().ends_with(" 0")),
         "{metrics}"
     );
-    let (_, body) = readyz(&harness.observer).await;
+    let (_, body) = harness.observer.readyz().await;
     assert!(
         !body.contains("refuses"),
         "cleared once the sink accepts: {body}"
@@ -122,7 +114,7 @@ async fn without_a_sink_the_observer_is_ready_and_says_so() {
     )
     .await;
     let (status, body) = wait_for("/readyz to answer 200", EVENT_DEADLINE, || async {
-        let answer = readyz(&observer).await;
+        let answer = observer.readyz().await;
         (answer.0 == 200).then_some(answer)
     })
     .await;

@@ -450,6 +450,15 @@ impl Observer {
     }
 
     /// The observer's /metrics text.
+    /// `/readyz`: its status code and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}/readyz", self.metrics))
+            .await
+            .expect("readyz");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
     pub async fn metrics_text(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.metrics))
             .await

@@ -300,34 +300,23 @@ async fn config_map_data(
     name: &str,
     optional: Option<bool>,
 ) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let found = api.get_opt(name).await.map_err(|source| VolumeError::Api {
-        what: format!("configmap {namespace}/{name}"),
-        source,
-    })?;
-    match found {
-        Some(config_map) => {
-            let mut data: BTreeMap<String, Vec<u8>> = config_map
-                .data
+    keyed_data::<ConfigMap>(client, namespace, name, optional, |config_map| {
+        let mut data: BTreeMap<String, Vec<u8>> = config_map
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| (key, value.into_bytes()))
+            .collect();
+        data.extend(
+            config_map
+                .binary_data
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(key, value)| (key, value.into_bytes()))
-                .collect();
-            data.extend(
-                config_map
-                    .binary_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(key, value)| (key, value.0)),
-            );
-            Ok(data)
-        }
-        None if optional == Some(true) => Ok(BTreeMap::new()),
-        None => Err(VolumeError::Api {
-            what: format!("configmap {namespace}/{name}"),
-            source: not_found(),
-        }),
-    }
+                .map(|(key, value)| (key, value.0)),
+        );
+        data
+    })
+    .await
 }
 
 async fn secret_data(
@@ -336,13 +325,8 @@ async fn secret_data(
     name: &str,
     optional: Option<bool>,
 ) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let found = api.get_opt(name).await.map_err(|source| VolumeError::Api {
-        what: format!("secret {namespace}/{name}"),
-        source,
-    })?;
-    match found {
-        Some(secret) => Ok(secret
+    keyed_data::<Secret>(client, namespace, name, optional, |secret| {
+        secret
             .data
             .unwrap_or_default()
             .into_iter()
@@ -354,10 +338,37 @@ async fn secret_data(
                     .into_iter()
                     .map(|(key, value)| (key, value.into_bytes())),
             )
-            .collect()),
+            .collect()
+    })
+    .await
+}
+
+/// The keys of a ConfigMap or Secret; a missing one is empty when `optional`,
+/// else an error (the kubelet keeps the pod waiting).
+async fn keyed_data<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    optional: Option<bool>,
+    keys: impl FnOnce(K) -> BTreeMap<String, Vec<u8>>,
+) -> Result<BTreeMap<String, Vec<u8>>, VolumeError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let what = || format!("{} {namespace}/{name}", K::kind(&()).to_lowercase());
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let found = api.get_opt(name).await.map_err(|source| VolumeError::Api {
+        what: what(),
+        source,
+    })?;
+    match found {
+        Some(object) => Ok(keys(object)),
         None if optional == Some(true) => Ok(BTreeMap::new()),
         None => Err(VolumeError::Api {
-            what: format!("secret {namespace}/{name}"),
+            what: what(),
             source: not_found(),
         }),
     }
