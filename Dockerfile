@@ -22,19 +22,21 @@ WORKDIR /src
 # or the lock file changes. The workspace's crates are stand-ins here (cargo
 # needs every member's manifest and declared targets to exist).
 COPY Cargo.toml Cargo.lock ./
-COPY hack/step-simulator/Cargo.toml hack/step-simulator/Cargo.toml
-RUN mkdir -p src benches hack/step-simulator/src \
+COPY hack/node-agent/Cargo.toml hack/node-agent/Cargo.toml
+RUN mkdir -p src benches hack/node-agent/src/bin \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && echo 'fn main() {}' > benches/decide.rs \
-    && echo 'fn main() {}' > hack/step-simulator/src/main.rs \
+    && echo 'fn main() {}' > hack/node-agent/src/main.rs \
+    && echo 'fn main() {}' > hack/node-agent/src/bin/simulated_step.rs \
+    && touch hack/node-agent/src/lib.rs \
     && cargo build --release --locked --target "${TARGET}" -p tekton-step-observer \
-    && rm -rf src benches hack/step-simulator/src
+    && rm -rf src benches hack/node-agent/src
 
 # Then the crate itself.
 COPY src src
 COPY benches benches
-COPY hack/step-simulator/src hack/step-simulator/src
+COPY hack/node-agent/src hack/node-agent/src
 # COPY keeps the files' modification times, which may be older than the
 # stand-ins' build; without the touch cargo could ship the empty stand-in.
 RUN touch src/lib.rs src/main.rs \
