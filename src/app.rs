@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::cli::{ApiVersionChoice, DisplayArgs, DisplayOutput, RunArgs};
-use crate::context::{Context, ControllerSettings};
+use crate::context::{Channels, Context, ControllerSettings};
 use crate::controller;
 use crate::display::{DisplayFormat, DisplaySettings};
 use crate::error::{Error, Result};
@@ -167,18 +167,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
         retry_base: args.retry_base_delay,
         retry_cap: args.retry_max_delay,
         identity,
+        shutdown_grace: args.shutdown_grace,
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Context::new(
         client,
         version,
         settings,
-        sink,
-        leader,
+        Channels {
+            sink,
+            leader,
+            stopping: stop_rx.clone(),
+        },
         metrics.clone(),
         readiness.clone(),
     )?);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {

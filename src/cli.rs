@@ -124,6 +124,12 @@ pub struct RunArgs {
     #[arg(long, env = "TSO_RETRY_MAX_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub retry_max_delay: Duration,
 
+    /// On SIGTERM: how long in-flight sends may finish and the ledger be
+    /// written for everything acknowledged, before the Lease is released.
+    /// Keep it under the Deployment's terminationGracePeriodSeconds (30 s).
+    #[arg(long, env = "TSO_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Time allowed for one request to the sink.
     #[arg(long, env = "TSO_SINK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub sink_timeout: Duration,
@@ -230,6 +236,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(args.backfill_window, Duration::from_secs(3600));
+        assert_eq!(args.shutdown_grace, Duration::from_secs(20));
         assert_eq!(args.retry_max_delay, DEFAULT_RETRY_CAP);
         assert_eq!(args.retry_base_delay, DEFAULT_RETRY_BASE);
         assert_eq!(args.sink_timeout, DEFAULT_SINK_TIMEOUT);

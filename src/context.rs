@@ -50,6 +50,18 @@ pub struct ControllerSettings {
     pub retry_cap: Duration,
     /// This replica's name, for Events.
     pub identity: String,
+    /// On SIGTERM, how long workers may finish and write the ledger.
+    pub shutdown_grace: Duration,
+}
+
+/// What tells the workers how the world around them changes.
+pub struct Channels {
+    /// Current sink.
+    pub sink: watch::Receiver<SinkState>,
+    /// Whether this replica leads.
+    pub leader: watch::Receiver<bool>,
+    /// Whether the process is stopping.
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// What every worker shares.
@@ -66,6 +78,9 @@ pub struct Context {
     pub sink: watch::Receiver<SinkState>,
     /// Whether this replica may send and patch.
     pub leader: watch::Receiver<bool>,
+    /// True once the process is stopping (SIGTERM): workers take no new
+    /// work, finish the send in flight and write the ledger.
+    pub stopping: watch::Receiver<bool>,
     /// Metrics.
     pub metrics: Metrics,
     /// What `/readyz` reports (the sink refusing credentials).
@@ -87,11 +102,15 @@ impl Context {
         client: Client,
         version: TektonVersion,
         settings: ControllerSettings,
-        sink: watch::Receiver<SinkState>,
-        leader: watch::Receiver<bool>,
+        channels: Channels,
         metrics: Metrics,
         readiness: Readiness,
     ) -> Result<Self> {
+        let Channels {
+            sink,
+            leader,
+            stopping,
+        } = channels;
         let sink_client = SinkClient::new(&settings.sink)?;
         let recorder = Recorder::new(
             client.clone(),
@@ -108,6 +127,7 @@ impl Context {
             sink_client,
             sink,
             leader,
+            stopping,
             metrics,
             readiness,
             recorder,

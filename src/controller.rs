@@ -168,6 +168,35 @@ impl Tracker {
         self.report_sizes();
     }
 
+    /// On the way out: the workers (told by `Context::stopping`) finish their
+    /// send in flight and write the ledger; wait for them, up to the grace
+    /// period, before the caller releases the Lease.
+    async fn drain(&mut self, done_rx: &mut mpsc::UnboundedReceiver<String>) {
+        if self.workers.is_empty() {
+            return;
+        }
+        let grace = self.ctx.settings.shutdown_grace;
+        info!(
+            workers = self.workers.len(),
+            ?grace,
+            "stopping: finishing in-flight sends and writing the ledger"
+        );
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        while !self.workers.is_empty() {
+            tokio::select! {
+                done = done_rx.recv() => match done {
+                    Some(uid) => { self.workers.remove(&uid); }
+                    None => break,
+                },
+                () = &mut deadline => {
+                    warn!(workers = self.workers.len(), "grace period over; abandoning what is still in flight (the next leader sends it again)");
+                    break;
+                }
+            }
+        }
+    }
+
     fn report_sizes(&self) {
         self.ctx.metrics.set_queue_depth(self.workers.len());
         self.ctx
@@ -248,5 +277,6 @@ pub async fn run(
             },
         }
     }
+    tracker.drain(&mut done_rx).await;
     Ok(())
 }

@@ -43,11 +43,24 @@ type EventKey = (u32, usize, StepEventKind);
 enum RoundEnd {
     /// Everything owed at the round's start was settled.
     Settled,
+    /// Enough was settled that the ledger is written before going on.
+    Checkpoint,
     /// The sink could not take an event yet; wait this long.
     RetryAfter(Duration),
     /// Leadership was lost mid-round.
     NotLeader,
+    /// The process is stopping: nothing more is sent.
+    Stopping,
 }
+
+/// A round stops to write the ledger after this many settled events, or
+/// after [`LEDGER_CHECKPOINT_INTERVAL`], whichever comes first, and then goes
+/// on: a crash mid-round repeats at most these, plus the one in flight.
+const LEDGER_CHECKPOINT_EVENTS: usize = 16;
+
+/// See [`LEDGER_CHECKPOINT_EVENTS`]: long enough that a burst of events costs
+/// few patches, short enough that little is repeated after a crash.
+const LEDGER_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a terminal event waits for its step's log while reading it fails
 /// in a way that may pass: longer than an API server or kubelet restart
@@ -109,7 +122,10 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         let sink = match gate(&ctx, &mut snapshots).await {
             Gate::Open(sink) => sink,
             Gate::NewSnapshot => continue,
-            Gate::Closed => return,
+            Gate::Closed => {
+                write_ledger_before_exit(&ctx, &snapshot).await;
+                return;
+            }
         };
         let end = match ctx.delivery_slots.acquire().await {
             Ok(_permit) => {
@@ -139,11 +155,11 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             patch_owed = false;
         }
         let wait = match end {
-            RoundEnd::Settled if !patch_owed => {
+            RoundEnd::Settled | RoundEnd::Checkpoint if !patch_owed => {
                 attempt = 0;
                 continue;
             }
-            RoundEnd::Settled => {
+            RoundEnd::Settled | RoundEnd::Checkpoint => {
                 attempt = attempt.saturating_add(1);
                 backoff(&ctx, attempt, None)
             }
@@ -152,9 +168,18 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                 backoff(&ctx, attempt, Some(hint))
             }
             RoundEnd::NotLeader => continue,
+            RoundEnd::Stopping => {
+                write_ledger_before_exit(&ctx, &snapshot).await;
+                return;
+            }
         };
         debug!(taskrun = %snapshot.taskrun.key(), ?wait, attempt, "waiting before the next attempt");
-        tokio::time::sleep(wait).await;
+        let mut stopping = ctx.stopping.clone();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            // Stopping ends the wait: the gate then closes and the ledger is written.
+            _ = stopping.wait_for(|stop| *stop) => {}
+        }
     }
 }
 
@@ -169,6 +194,24 @@ fn backoff(ctx: &Context, attempt: u32, retry_after: Option<Duration>) -> Durati
     )
 }
 
+/// Before a worker ends for good (the process is stopping, or the sink or
+/// leadership channels closed): writes the ledger for everything the sink
+/// acknowledged, so the next leader does not send it again.
+async fn write_ledger_before_exit(ctx: &Context, snapshot: &Snapshot) {
+    let settled = ctx.memory_ledger(&snapshot.taskrun.uid);
+    if settled.is_empty() || ledger_covers_memory(snapshot, &settled) {
+        return;
+    }
+    match patch_ledger(ctx, snapshot, &settled).await {
+        Ok(()) => {
+            info!(taskrun = %snapshot.taskrun.key(), events = settled.len(), "ledger written before stopping")
+        }
+        Err(error) => {
+            warn!(taskrun = %snapshot.taskrun.key(), %error, "could not write the ledger before stopping; the next leader resends what it lacks")
+        }
+    }
+}
+
 /// Whether the annotation in this snapshot already holds all we settled.
 fn ledger_covers_memory(snapshot: &Snapshot, settled: &Ledger) -> bool {
     let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
@@ -180,7 +223,11 @@ fn ledger_covers_memory(snapshot: &Snapshot, settled: &Ledger) -> bool {
 async fn gate(ctx: &Context, snapshots: &mut watch::Receiver<Arc<Snapshot>>) -> Gate {
     let mut leader = ctx.leader.clone();
     let mut sink = ctx.sink.clone();
+    let mut stopping = ctx.stopping.clone();
     loop {
+        if *stopping.borrow_and_update() {
+            return Gate::Closed;
+        }
         let is_leader = *leader.borrow_and_update();
         let url = sink.borrow_and_update().url().cloned();
         if let (true, Some(url)) = (is_leader, url) {
@@ -189,6 +236,7 @@ async fn gate(ctx: &Context, snapshots: &mut watch::Receiver<Arc<Snapshot>>) -> 
         tokio::select! {
             changed = leader.changed() => if changed.is_err() { return Gate::Closed },
             changed = sink.changed() => if changed.is_err() { return Gate::Closed },
+            changed = stopping.changed() => if changed.is_err() { return Gate::Closed },
             changed = snapshots.changed() => {
                 return if changed.is_err() { Gate::Closed } else { Gate::NewSnapshot };
             }
@@ -217,9 +265,22 @@ impl Round<'_> {
     ) -> RoundEnd {
         let ctx = self.ctx;
         let taskrun = &self.snapshot.taskrun;
-        for transition in owed {
+        let started = Instant::now();
+        let mut settled = 0;
+        for (index, transition) in owed.iter().enumerate() {
             if !*ctx.leader.borrow() {
                 return RoundEnd::NotLeader;
+            }
+            // Stopping lets the send in flight finish, then starts no other.
+            if *ctx.stopping.borrow() {
+                return RoundEnd::Stopping;
+            }
+            // What is settled so far is written before the rest is sent.
+            if index > 0
+                && (settled >= LEDGER_CHECKPOINT_EVENTS
+                    || started.elapsed() >= LEDGER_CHECKPOINT_INTERVAL)
+            {
+                return RoundEnd::Checkpoint;
             }
             let key = (transition.attempt, transition.step_index, transition.kind);
             // A retried event is sent exactly as before: same id, same log.
@@ -238,6 +299,7 @@ impl Round<'_> {
                     Err(error) => {
                         error!(taskrun = %taskrun.key(), step = %transition.step_name, %error, "cannot build the event; recording it as rejected");
                         self.settle(transition, Settlement::Rejected);
+                        settled += 1;
                         continue;
                     }
                 },
@@ -253,11 +315,13 @@ impl Round<'_> {
                 DeliveryOutcome::Delivered { status } => {
                     ctx.readiness.set_sink_refusal(None);
                     self.settle(transition, Settlement::Delivered);
+                    settled += 1;
                     ctx.metrics.record_delivered(kind, latency);
                     info!(taskrun = %taskrun.key(), step = %transition.step_name, event = transition.kind.as_str(), status, "event delivered");
                 }
                 DeliveryOutcome::Rejected { status, body } => {
                     self.settle(transition, Settlement::Rejected);
+                    settled += 1;
                     ctx.metrics.record_rejected(kind, latency);
                     let note = format!(
                         "The sink refused the {} event of step {} with HTTP {status}: {body}",
@@ -269,6 +333,7 @@ impl Round<'_> {
                 }
                 DeliveryOutcome::Unencodable { reason } => {
                     self.settle(transition, Settlement::Rejected);
+                    settled += 1;
                     ctx.metrics.record_rejected(kind, latency);
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, %reason, "event cannot be encoded; recorded as rejected");
                     publish_warning(ctx, taskrun, "EventRejected", reason).await;
@@ -455,10 +520,10 @@ async fn patch_ledger(ctx: &Context, snapshot: &Snapshot, settled: &Ledger) -> R
         .ok()
         .map(|facts| facts.steps.into_iter().map(|step| step.name).collect());
     let mut last_error = None;
+    // NB: not gated on leadership: the patch is conditional and the ledger
+    // only grows, so a write by a replica that just lost the Lease (or is
+    // stopping) can add what it acknowledged but never take anything back.
     for _ in 0..MAX_PATCH_ATTEMPTS {
-        if !*ctx.leader.borrow() {
-            return Ok(());
-        }
         if current.covers(settled) {
             return Ok(());
         }

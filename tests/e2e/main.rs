@@ -10,6 +10,7 @@ mod support;
 mod workload;
 
 mod real_entrypoint;
+mod shutdown;
 mod sink_policy;
 
 use std::collections::HashSet;

@@ -266,6 +266,9 @@ pub struct Received {
     arrived_at: Arc<Mutex<Vec<Instant>>>,
     /// When non-zero, answer every event with this status (and drop it).
     pub fail_with: Arc<AtomicU16>,
+    /// When non-zero, take this many milliseconds before answering: a slow
+    /// sink, so a round of sending lasts long enough to interrupt.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Received {
@@ -306,6 +309,10 @@ impl Received {
 }
 
 async fn receive(State(received): State<Received>, event: Event) -> StatusCode {
+    let delay = received.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let fail = received.fail_with.load(Ordering::SeqCst);
     if fail != 0 {
         return StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -474,6 +481,27 @@ impl Observer {
     }
 
     /// Whether the process still runs (has neither exited nor crashed).
+    /// Sends SIGTERM, as a kubelet stopping the pod does, and waits up to
+    /// `deadline` for the process to exit; returns whether it did.
+    pub async fn terminate(&mut self, deadline: Duration) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(sent, "kill -TERM {pid}");
+        let until = Instant::now() + deadline;
+        loop {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            if Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -615,15 +615,49 @@ impl PodTask {
     }
 
     /// Whether a container's own command runs: for a step, once its entrypoint let the
-    /// step go; for any other container, as soon as it runs.
+    /// step go (the file it waits for is there, and it started the step's command);
+    /// for any other container, as soon as it runs.
     fn runs_its_command(&self, slot: Slot) -> bool {
         let Some(process) = self.processes.get(&slot) else {
             return false;
         };
-        match self.container_plan(slot) {
-            Some(plan) if plan.runs_tekton_entrypoint => process.runs_a_command(),
-            _ => true,
-        }
+        let Some(plan) = self
+            .container_plan(slot)
+            .filter(|plan| plan.runs_tekton_entrypoint)
+        else {
+            return true;
+        };
+        self.step_released(plan) && process.runs_a_command()
+    }
+
+    /// Whether the file a step's entrypoint waits for exists (with content, if it
+    /// must have some): the step's turn has come.
+    fn step_released(&self, plan: &ContainerPlan) -> bool {
+        let Some((file, needs_content)) = &plan.wait_file else {
+            return true;
+        };
+        let Some(host) = self.host_path(plan, file) else {
+            return false;
+        };
+        std::fs::metadata(host).is_ok_and(|meta| !needs_content || meta.len() > 0)
+    }
+
+    /// Where a path inside a container lives on the host, through the container's
+    /// volume mounts (the deepest mount that holds it).
+    fn host_path(&self, plan: &ContainerPlan, path: &str) -> Option<PathBuf> {
+        plan.mounts
+            .iter()
+            .filter_map(|mount| {
+                let inside = path.strip_prefix(mount.mount_path.trim_end_matches('/'))?;
+                let relative = inside.strip_prefix('/').filter(|_| !inside.is_empty())?;
+                let mut host = self.files.volume(&mount.name);
+                if let Some(sub_path) = mount.sub_path.as_deref().filter(|p| !p.is_empty()) {
+                    host = host.join(sub_path);
+                }
+                Some((mount.mount_path.len(), host.join(relative)))
+            })
+            .max_by_key(|(depth, _)| *depth)
+            .map(|(_, host)| host)
     }
 
     /// Carries out the fault annotations whose moment has come.

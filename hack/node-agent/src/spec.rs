@@ -44,6 +44,9 @@ pub struct ContainerPlan {
     /// The container runs Tekton's entrypoint (a step), which holds the step's own
     /// command back until the step's turn.
     pub runs_tekton_entrypoint: bool,
+    /// The file Tekton's entrypoint waits for before it runs the step's command
+    /// (`-wait_file`), and whether it must have content (`-wait_file_content`).
+    pub wait_file: Option<(String, bool)>,
     /// The container is a Tekton step that runs the `SIMULATED_*` stand-in; `Err` when its
     /// values are unusable (the container then waits with a configuration error).
     pub simulated: Option<Result<SimulatedStep, SimulatedError>>,
@@ -95,6 +98,15 @@ fn container_plan(container: &Container) -> ContainerPlan {
         .filter_map(|var| var.value.as_deref().map(|value| (var.name.as_str(), value)))
         .collect();
     let runs_tekton_entrypoint = entrypoint_command_index(&command).is_some();
+    let wait_file = runs_tekton_entrypoint
+        .then(|| entrypoint_flag(&command, "wait_file"))
+        .flatten()
+        .map(|file| {
+            (
+                file,
+                entrypoint_flag(&command, "wait_file_content").is_some(),
+            )
+        });
     let simulated = if runs_tekton_entrypoint {
         SimulatedStep::from_env(|name| literal.get(name).map(|value| (*value).to_owned()))
             .transpose()
@@ -116,7 +128,29 @@ fn container_plan(container: &Container) -> ContainerPlan {
         fallback_to_logs_on_error: container.termination_message_policy.as_deref()
             == Some(FALLBACK_TO_LOGS_ON_ERROR),
         runs_tekton_entrypoint,
+        wait_file,
         simulated,
+    }
+}
+
+/// The value of one of Tekton's entrypoint flags (before `--`); a flag given
+/// without a value (the boolean `-wait_file_content`) reads as `"true"`.
+fn entrypoint_flag(command: &[String], name: &str) -> Option<String> {
+    let flags_end = command
+        .iter()
+        .position(|token| token == "--")
+        .unwrap_or(command.len());
+    let flags = &command[..flags_end];
+    let at = flags.iter().position(|token| {
+        token.trim_start_matches('-').split('=').next() == Some(name) && token.starts_with('-')
+    })?;
+    let token = &flags[at];
+    if let Some((_, value)) = token.split_once('=') {
+        return Some(value.to_owned());
+    }
+    match flags.get(at + 1) {
+        Some(value) if !value.starts_with('-') => Some(value.clone()),
+        _ => Some("true".to_owned()),
     }
 }
 
@@ -227,6 +261,32 @@ mod tests {
                 "{command:?}"
             );
         }
+    }
+
+    #[test]
+    fn entrypoint_flags_are_read_before_the_separator() {
+        let command = strings(&[
+            "/tekton/bin/entrypoint",
+            "-wait_file",
+            "/tekton/downward/ready",
+            "-wait_file_content",
+            "-post_file",
+            "/tekton/run/0/out",
+            "-entrypoint",
+            "/tekton/scripts/s",
+            "--",
+            "-wait_file",
+            "x",
+        ]);
+        assert_eq!(
+            entrypoint_flag(&command, "wait_file").as_deref(),
+            Some("/tekton/downward/ready")
+        );
+        assert_eq!(
+            entrypoint_flag(&command, "wait_file_content").as_deref(),
+            Some("true")
+        );
+        assert_eq!(entrypoint_flag(&command, "timeout"), None);
     }
 
     #[test]
