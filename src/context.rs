@@ -2,7 +2,8 @@
 //! context every worker reads (clients, sink, leadership, metrics, the
 //! in-memory record of what this process settled), the snapshot a worker
 //! gets of its TaskRun, and the one function that works out what a TaskRun
-//! still owes. Neither `controller` nor `delivery` depends on the other.
+//! still owes. `controller` starts `delivery` workers; `delivery` needs nothing
+//! of `controller`.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
