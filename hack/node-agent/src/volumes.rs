@@ -489,31 +489,31 @@ pub async fn resolve_env(
                 field_value(pod, &field.field_path).unwrap_or_default()
             } else if let Some(key) = &from.config_map_key_ref {
                 let data = config_map_data(client, &namespace, &key.name, key.optional).await?;
-                match data.get(&key.key) {
-                    Some(value) => String::from_utf8_lossy(value).into_owned(),
-                    None if key.optional == Some(true) => continue,
-                    None => {
-                        return Err(VolumeError::MissingKey {
-                            kind: "ConfigMap",
-                            namespace,
-                            name: key.name.clone(),
-                            key: key.key.clone(),
-                        });
-                    }
+                let found = key_value(
+                    &data,
+                    "ConfigMap",
+                    &namespace,
+                    &key.name,
+                    &key.key,
+                    key.optional,
+                )?;
+                match found {
+                    Some(value) => value,
+                    None => continue,
                 }
             } else if let Some(key) = &from.secret_key_ref {
                 let data = secret_data(client, &namespace, &key.name, key.optional).await?;
-                match data.get(&key.key) {
-                    Some(value) => String::from_utf8_lossy(value).into_owned(),
-                    None if key.optional == Some(true) => continue,
-                    None => {
-                        return Err(VolumeError::MissingKey {
-                            kind: "Secret",
-                            namespace,
-                            name: key.name.clone(),
-                            key: key.key.clone(),
-                        });
-                    }
+                let found = key_value(
+                    &data,
+                    "Secret",
+                    &namespace,
+                    &key.name,
+                    &key.key,
+                    key.optional,
+                )?;
+                match found {
+                    Some(value) => value,
+                    None => continue,
                 }
             } else {
                 String::new()
@@ -525,6 +525,28 @@ pub async fn resolve_env(
         resolved.push((var.name.clone(), value));
     }
     Ok(resolved)
+}
+
+/// One key of a ConfigMap's or Secret's data as an env value; `None` when it
+/// is missing and the reference is optional (the variable is then left out).
+fn key_value(
+    data: &BTreeMap<String, Vec<u8>>,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+) -> Result<Option<String>, VolumeError> {
+    match data.get(key) {
+        Some(value) => Ok(Some(String::from_utf8_lossy(value).into_owned())),
+        None if optional == Some(true) => Ok(None),
+        None => Err(VolumeError::MissingKey {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            key: key.to_owned(),
+        }),
+    }
 }
 
 fn create_folder(folder: &Path, mode: u32) -> Result<(), VolumeError> {
