@@ -119,6 +119,7 @@ pub async fn run(shared: Arc<Shared>, updates: watch::Receiver<Arc<Pod>>) {
         deleting: false,
         kill_deadline: None,
         dirty: false,
+        logs_registered: false,
         shared,
     };
     async move {
@@ -163,6 +164,9 @@ struct PodTask {
     kill_deadline: Option<Instant>,
     /// The status changed since it was last written.
     dirty: bool,
+    /// kwok's `Logs` object for the pod exists (without it `pods/log` finds no
+    /// logs); creating it is retried, like a status write, until it does.
+    logs_registered: bool,
 }
 
 impl PodTask {
@@ -188,6 +192,9 @@ impl PodTask {
         }
         loop {
             let pod = updates.borrow_and_update().clone();
+            if !self.logs_registered && !self.deleting && self.state.is_some() {
+                self.prepare_logs(&pod).await;
+            }
             self.on_pod_update(&pod).await;
             if self.dirty {
                 self.write_status().await;
@@ -268,8 +275,8 @@ impl PodTask {
         }
     }
 
-    /// Creates the empty log files and kwok's `Logs` object; logs are not worth failing for.
-    async fn prepare_logs(&self, pod: &Pod) {
+    /// Creates the empty log files and kwok's `Logs` object.
+    async fn prepare_logs(&mut self, pod: &Pod) {
         let containers: Vec<String> = self
             .plan
             .init_containers
@@ -285,13 +292,14 @@ impl PodTask {
         {
             warn!(%error, "cannot create the pod's log files");
         }
-        if let Err(error) = self
+        match self
             .shared
             .kwok_logs
             .ensure(pod, &self.shared.files, &containers)
             .await
         {
-            warn!(%error, "cannot create the pod's kwok Logs object");
+            Ok(()) => self.logs_registered = true,
+            Err(error) => warn!(%error, "cannot create the pod's kwok Logs object; retrying"),
         }
     }
 
@@ -720,7 +728,7 @@ impl PodTask {
         if self.fault_pending() {
             consider(Instant::now() + FAULT_POLL);
         }
-        if self.dirty {
+        if self.dirty || (!self.logs_registered && !self.deleting) {
             consider(Instant::now() + STATUS_RETRY);
         }
         next
