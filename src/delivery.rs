@@ -39,6 +39,10 @@ const MAX_PATCH_ATTEMPTS: usize = 5;
 /// One event of a TaskRun: its attempt, step and kind.
 type EventKey = (u32, usize, StepEventKind);
 
+fn event_key(transition: &Transition) -> EventKey {
+    (transition.attempt, transition.step_index, transition.kind)
+}
+
 /// How a round of sending ended.
 enum RoundEnd {
     /// Everything owed at the round's start was settled.
@@ -115,7 +119,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         let now = Instant::now();
         for transition in &owed {
             first_seen
-                .entry((transition.attempt, transition.step_index, transition.kind))
+                .entry(event_key(transition))
                 .or_insert(snapshot.seen_at.min(now));
         }
 
@@ -282,7 +286,7 @@ impl Round<'_> {
             {
                 return RoundEnd::Checkpoint;
             }
-            let key = (transition.attempt, transition.step_index, transition.kind);
+            let key = event_key(transition);
             // A retried event is sent exactly as before: same id, same log.
             let event = match pending.take() {
                 Some((pending_key, event)) if pending_key == key => event,
@@ -343,12 +347,7 @@ impl Round<'_> {
                     detail,
                     retry_after,
                 } => {
-                    ctx.metrics.record_retry(
-                        crate::metrics::RetryReason::ALL
-                            .into_iter()
-                            .find(|r| r.as_str() == reason.as_str())
-                            .unwrap_or(crate::metrics::RetryReason::Other),
-                    );
+                    ctx.metrics.record_retry(reason);
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "sink did not take the event; will retry");
                     if reason == RetryReason::Unauthorized {
                         ctx.readiness.set_sink_refusal(Some(detail.clone()));

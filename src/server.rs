@@ -101,11 +101,21 @@ impl Readiness {
     /// The sink refuses our credentials (401/403), or accepts them again
     /// (`None`): events are held meanwhile, and `/readyz` says so.
     pub fn set_sink_refusal(&self, refusal: Option<String>) {
-        *self
+        // Called for every delivered event: take the write lock only when
+        // something changes.
+        let unchanged = *self
             .inner
             .sink_refusal
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = refusal;
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            == refusal;
+        if !unchanged {
+            *self
+                .inner
+                .sink_refusal
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = refusal;
+        }
     }
 
     /// Set to false when one of the process's main loops has ended for good,

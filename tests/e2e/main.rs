@@ -183,7 +183,18 @@ async fn assert_run_ended(
         observer.log_text()
     );
     let taskrun = wait_for_ledger(client, &ns.name, "tr", expected.len()).await;
-    assert_eq!(taskrun["status"]["conditions"][0]["reason"], reason);
+    let succeeded = taskrun["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Succeeded")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (succeeded["status"].as_str(), succeeded["reason"].as_str()),
+        (Some("False"), Some(reason)),
+        "{taskrun}"
+    );
     assert_events_well_formed(&events, uid, &ns.name, "tr");
 }
 

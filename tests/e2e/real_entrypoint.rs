@@ -12,7 +12,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::support::*;
-use crate::{Harness, PREFIX, assert_events_well_formed, wait_for_ledger};
+use crate::{Harness, PREFIX, assert_events_well_formed, assert_run_ended, wait_for_ledger};
 
 /// The annotation that makes the node agent kill a container as the OOM
 /// killer would (hack/node-agent/README.md).
@@ -346,16 +346,16 @@ async fn cancel_while_the_second_step_runs() {
         ("long", "failed"),
         ("after", "skipped"),
     ];
-    let events = harness.received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(&expected),
-        "{}",
-        harness.observer.log_text()
-    );
-    let taskrun = wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
-    assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
-    assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+    assert_run_ended(
+        &harness.client,
+        &harness.ns,
+        &uid,
+        &harness.received,
+        &harness.observer,
+        &expected,
+        "TaskRunCancelled",
+    )
+    .await;
     capture_fixture(&harness.client, &harness.ns.name, "tr", &harness.test).await;
 }
 
@@ -488,16 +488,16 @@ async fn cancel_while_the_pod_is_pending_skips_every_step() {
     )
     .await;
     let expected = [("a", "skipped"), ("b", "skipped")];
-    let events = harness.received.wait_for_count(&uid, expected.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(&expected),
-        "{}",
-        harness.observer.log_text()
-    );
-    let taskrun = wait_for_ledger(&harness.client, &harness.ns.name, "tr", expected.len()).await;
-    assert_eq!(succeeded_reason(&taskrun), "False/TaskRunCancelled");
-    assert_events_well_formed(&events, &uid, &harness.ns.name, "tr");
+    assert_run_ended(
+        &harness.client,
+        &harness.ns,
+        &uid,
+        &harness.received,
+        &harness.observer,
+        &expected,
+        "TaskRunCancelled",
+    )
+    .await;
     capture_fixture(&harness.client, &harness.ns.name, "tr", &harness.test).await;
 }
 

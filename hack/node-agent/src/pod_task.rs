@@ -381,7 +381,7 @@ impl PodTask {
                 .push((slot, Instant::now() + IMAGE_PULL_BACK_OFF_AFTER));
             return;
         }
-        let replaced = self.stopping_replaced(slot);
+        let replaced = self.restarted_before(slot);
         match self.sandbox(pod, &plan, &image, replaced).await {
             Err(StartError::Waiting(reason, message)) => {
                 warn!(container = %plan.name, %reason, %message, "container cannot start");
@@ -410,8 +410,9 @@ impl PodTask {
         }
     }
 
-    /// Whether the container restarts after Tekton replaced its image (sidecar stop).
-    fn stopping_replaced(&self, slot: Slot) -> bool {
+    /// Whether the container ran before: it restarts because Tekton replaced its image
+    /// (sidecar stop).
+    fn restarted_before(&self, slot: Slot) -> bool {
         let Slot::Main(index) = slot else {
             return false;
         };

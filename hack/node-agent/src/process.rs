@@ -96,13 +96,12 @@ impl Process {
     /// Sends `signal` to the container's PID 1 (as a kubelet does), or kills the sandbox
     /// if it has not started one yet.
     pub fn signal(&self, signal: Signal) {
-        let target = self
-            .container_pid()
-            .unwrap_or_else(|| Pid::from_raw(i32::try_from(self.sandbox_pid).unwrap_or(i32::MAX)));
-        let signal = if self.container_pid().is_some() {
-            signal
-        } else {
-            Signal::SIGKILL
+        let (target, signal) = match self.container_pid() {
+            Some(pid) => (pid, signal),
+            None => (
+                Pid::from_raw(i32::try_from(self.sandbox_pid).unwrap_or(i32::MAX)),
+                Signal::SIGKILL,
+            ),
         };
         if let Err(error) = kill(target, signal) {
             tracing::debug!(%error, pid = %target, "signal not delivered (the process is gone)");

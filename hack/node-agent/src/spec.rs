@@ -136,11 +136,7 @@ fn container_plan(container: &Container) -> ContainerPlan {
 /// The value of one of Tekton's entrypoint flags (before `--`); a flag given
 /// without a value (the boolean `-wait_file_content`) reads as `"true"`.
 fn entrypoint_flag(command: &[String], name: &str) -> Option<String> {
-    let flags_end = command
-        .iter()
-        .position(|token| token == "--")
-        .unwrap_or(command.len());
-    let flags = &command[..flags_end];
+    let flags = entrypoint_flag_tokens(command);
     let at = flags.iter().position(|token| {
         token.trim_start_matches('-').split('=').next() == Some(name) && token.starts_with('-')
     })?;
@@ -157,15 +153,22 @@ fn entrypoint_flag(command: &[String], name: &str) -> Option<String> {
 /// Index of the value of Tekton's `-entrypoint` flag in a step's command line: the step's
 /// own command, which the entrypoint runs once the step's turn comes.
 fn entrypoint_command_index(command: &[String]) -> Option<usize> {
+    let flags = entrypoint_flag_tokens(command);
+    flags
+        .iter()
+        .position(|token| token.trim_start_matches('-') == ENTRYPOINT_COMMAND_FLAG)
+        .map(|flag| flag + 1)
+        .filter(|value| *value < flags.len())
+}
+
+/// The part of a step's command line that holds Tekton's entrypoint flags:
+/// everything before the `--` that starts the step's own arguments.
+fn entrypoint_flag_tokens(command: &[String]) -> &[String] {
     let flags_end = command
         .iter()
         .position(|token| token == "--")
         .unwrap_or(command.len());
-    command[..flags_end]
-        .iter()
-        .position(|token| token.trim_start_matches('-') == ENTRYPOINT_COMMAND_FLAG)
-        .map(|flag| flag + 1)
-        .filter(|value| *value < flags_end)
+    &command[..flags_end]
 }
 
 /// A step's command line with the stand-in in place of the step's own command: the
