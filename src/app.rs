@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use kube::Client;
+use chrono::Utc;
+use kube::{Api, Client};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::{ApiVersionChoice, DisplayArgs, DisplayOutput, RunArgs};
 use crate::context::{Channels, Context, ControllerSettings};
@@ -20,6 +21,7 @@ use crate::server::{self, Readiness};
 use crate::sink::SinkSettings;
 use crate::sink_config::{self, SinkState};
 use crate::tekton::TektonVersion;
+use crate::watermark::{self, WatermarkStore};
 
 /// Namespace of the leader Lease when neither the flag nor POD_NAMESPACE says.
 const DEFAULT_LEASE_NAMESPACE: &str = "tekton-step-observer";
@@ -127,17 +129,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }));
 
+    let lease_namespace = args
+        .leader_election_namespace
+        .clone()
+        .or_else(|| {
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|n| !n.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_LEASE_NAMESPACE.to_owned());
+    let watermark = WatermarkStore::new(
+        Api::namespaced(client.clone(), &lease_namespace),
+        args.leader_election_id.clone(),
+    );
+    let last_running = watermark.read().await;
+    let backfill_cutoff =
+        watermark::backfill_cutoff(last_running, Utc::now(), args.backfill_window);
+    info!(
+        watermark = ?last_running,
+        %backfill_cutoff,
+        "TaskRuns without a ledger that finished before the backfill cutoff are left alone"
+    );
+
     let (leader, leader_handle) = if args.leader_elect {
-        let namespace = args
-            .leader_election_namespace
-            .clone()
-            .or_else(|| {
-                std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|n| !n.is_empty())
-            })
-            .unwrap_or_else(|| DEFAULT_LEASE_NAMESPACE.to_owned());
-        let mut lease = LeaseSettings::new(namespace, identity.clone());
+        let mut lease = LeaseSettings::new(lease_namespace, identity.clone());
         lease.lease_name = args.leader_election_id.clone();
         leader::spawn_leader_election(config, lease)?
     } else {
@@ -162,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ..SinkSettings::default()
         },
         log_limit_bytes: args.log_limit_bytes,
-        backfill_window: args.backfill_window,
+        backfill_cutoff,
         max_concurrent_deliveries: args.max_concurrent_deliveries,
         retry_base: args.retry_base_delay,
         retry_cap: args.retry_max_delay,
@@ -176,13 +191,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         settings,
         Channels {
             sink,
-            leader,
+            leader: leader.clone(),
             stopping: stop_rx.clone(),
         },
         metrics.clone(),
         readiness.clone(),
     )?);
 
+    let keep_watermark = watermark.clone().keep(leader.clone(), stop_rx.clone());
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -201,7 +217,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!("shutting down");
         stop_tx.send_replace(true);
     });
+    tokio::spawn(keep_watermark);
     let result = controller::run(ctx, readiness, stopped()).await;
+    // The last moment known to be running, while still leader: a restart
+    // then backfills everything that finished while it was down.
+    let leading = *leader.borrow();
+    if leading && let Err(error) = watermark.write(Utc::now()).await {
+        warn!(%error, "cannot record the backfill watermark on the way out");
+    }
     leader_handle.shutdown().await;
     server.abort();
     result

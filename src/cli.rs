@@ -107,8 +107,9 @@ pub struct RunArgs {
     #[arg(long, env = "TSO_LOG_LIMIT_BYTES", default_value_t = DEFAULT_LOG_LIMIT_BYTES)]
     pub log_limit_bytes: usize,
 
-    /// TaskRuns that finished longer ago than this and carry no ledger are
-    /// left alone at start, so installing on a busy cluster replays nothing.
+    /// TaskRuns without a ledger that finished this long before the observer
+    /// last ran (the watermark on its Lease; now, on first install) are left
+    /// alone, so installing on a busy cluster replays nothing.
     #[arg(long, env = "TSO_BACKFILL_WINDOW", default_value = "1h", value_parser = parse_duration)]
     pub backfill_window: Duration,
 

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::server::Readiness;
 use crate::sink::{SinkClient, SinkSettings};
 use crate::sink_config::SinkState;
-use crate::steps::{RunPhase, Transition, owed_transitions, run_facts};
+use crate::steps::{RunFacts, RunPhase, Transition, owed_transitions, run_facts};
 use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
 
 /// The name the controller reports Kubernetes Events under.
@@ -41,8 +41,9 @@ pub struct ControllerSettings {
     pub sink: SinkSettings,
     /// Cap on a carried log.
     pub log_limit_bytes: usize,
-    /// TaskRuns finished longer ago than this, with no ledger, are left alone.
-    pub backfill_window: Duration,
+    /// TaskRuns that finished before this, with no ledger, are left alone
+    /// ([`crate::watermark::backfill_cutoff`]).
+    pub backfill_cutoff: DateTime<Utc>,
     /// Bound on TaskRuns delivering at once.
     pub max_concurrent_deliveries: usize,
     /// First retry delay.
@@ -157,10 +158,13 @@ impl Context {
     }
 
     /// Adds settled events to the in-memory ledger.
-    pub fn remember(&self, uid: &str, settled: &Ledger) {
+    pub fn remember(&self, taskrun: &TaskRunRef, settled: &Ledger) {
         self.memory()
-            .entry(uid.to_owned())
-            .or_default()
+            .entry(taskrun.uid.clone())
+            .or_insert_with(|| Remembered {
+                namespace: taskrun.namespace.clone(),
+                ..Remembered::default()
+            })
             .ledger
             .merge(settled);
     }
@@ -201,6 +205,14 @@ impl Context {
         self.memory().remove(uid);
     }
 
+    /// Drops what was remembered of every TaskRun in a namespace `in_scope`
+    /// accepts whose uid `exists` denies: a relist of that scope no longer
+    /// shows them, so they were deleted while the watch was away.
+    pub fn forget_missing(&self, in_scope: impl Fn(&str) -> bool, exists: impl Fn(&str) -> bool) {
+        self.memory()
+            .retain(|uid, remembered| !in_scope(&remembered.namespace) || exists(uid));
+    }
+
     /// How many TaskRuns are remembered.
     pub fn remembered(&self) -> usize {
         self.memory().len()
@@ -210,7 +222,7 @@ impl Context {
 /// Whether an object seen at resourceVersion `seen` is not older than the
 /// version `written` one of our writes produced. Versions that are not
 /// integers cannot be ordered and count as not older.
-fn not_older_than(seen: Option<&str>, written: &str) -> bool {
+pub fn not_older_than(seen: Option<&str>, written: &str) -> bool {
     match (seen.map(str::parse::<u64>), written.parse::<u64>()) {
         (Some(Ok(seen)), Ok(written)) => seen >= written,
         _ => true,
@@ -220,6 +232,8 @@ fn not_older_than(seen: Option<&str>, written: &str) -> bool {
 /// What this process settled for one TaskRun.
 #[derive(Default)]
 struct Remembered {
+    /// The TaskRun's namespace, to tell which watch scope it belongs to.
+    namespace: String,
     /// Events settled at the sink.
     ledger: Ledger,
     /// The resourceVersion our last ledger patch produced.
@@ -227,7 +241,7 @@ struct Remembered {
 }
 
 /// What the worker knows of its TaskRun at one moment.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Snapshot {
     /// Identity.
     pub taskrun: TaskRunRef,
@@ -237,30 +251,19 @@ pub struct Snapshot {
     pub status: Option<TaskRunStatus>,
     /// The ledger annotation's raw value.
     pub annotation: Option<String>,
+    /// Whether `metadata.annotations` exists (the ledger patch must then
+    /// add to it rather than create it).
+    pub annotations_present: bool,
     /// The TaskRun is gone.
     pub deleted: bool,
     /// When the watch delivered it.
     pub seen_at: Instant,
 }
 
-/// Whether a TaskRun is left alone by the backfill rule: it finished longer
-/// than `window` ago and nobody ever recorded a ledger for it.
-pub fn left_alone_by_backfill(
-    phase: &RunPhase,
-    has_ledger: bool,
-    now: DateTime<Utc>,
-    window: Duration,
-) -> bool {
-    if has_ledger {
-        return false;
-    }
-    match phase {
-        RunPhase::Finished { at: Some(at), .. } => {
-            let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-            now.signed_duration_since(*at) > window
-        }
-        _ => false,
-    }
+/// Whether a TaskRun is left alone by the backfill rule: it finished before
+/// `cutoff` and nobody ever recorded a ledger for it.
+pub fn left_alone_by_backfill(phase: &RunPhase, has_ledger: bool, cutoff: DateTime<Utc>) -> bool {
+    !has_ledger && matches!(phase, RunPhase::Finished { at: Some(at), .. } if *at < cutoff)
 }
 
 /// Parses a TaskRun's ledger annotation; a malformed one counts as empty
@@ -290,12 +293,7 @@ pub fn owed_events(ctx: &Context, snapshot: &Snapshot) -> Option<Owed> {
     let facts = run_facts(snapshot.status.as_ref()).ok()?;
     let (mut ledger, malformed_ledger) = annotation_ledger(snapshot.annotation.as_deref());
     let remembered = ctx.memory_ledger(&snapshot.taskrun.uid);
-    if left_alone_by_backfill(
-        &facts.phase,
-        snapshot.annotation.is_some() || !remembered.is_empty(),
-        Utc::now(),
-        ctx.settings.backfill_window,
-    ) {
+    if left_alone(ctx, snapshot, &facts, &remembered) {
         return None;
     }
     ledger.merge(&remembered);
@@ -303,6 +301,26 @@ pub fn owed_events(ctx: &Context, snapshot: &Snapshot) -> Option<Owed> {
         transitions: owed_transitions(&facts, &ledger),
         malformed_ledger,
     })
+}
+
+/// Whether the backfill rule leaves a snapshot's TaskRun alone.
+pub fn is_left_alone(ctx: &Context, snapshot: &Snapshot) -> bool {
+    run_facts(snapshot.status.as_ref()).is_ok_and(|facts| {
+        left_alone(
+            ctx,
+            snapshot,
+            &facts,
+            &ctx.memory_ledger(&snapshot.taskrun.uid),
+        )
+    })
+}
+
+fn left_alone(ctx: &Context, snapshot: &Snapshot, facts: &RunFacts, remembered: &Ledger) -> bool {
+    left_alone_by_backfill(
+        &facts.phase,
+        snapshot.annotation.is_some() || !remembered.is_empty(),
+        ctx.settings.backfill_cutoff,
+    )
 }
 
 /// The number of events a snapshot still owes.

@@ -12,8 +12,13 @@
 //!                      ▲                      │
 //!                      └──── done(uid) ◄──────┘   (patch ledger annotation)
 //! ```
+//!
+//! NB: a watch that was away too long (its resourceVersion expired: 410
+//! Gone) relists, and a TaskRun deleted meanwhile is simply absent from the
+//! list: no Delete event ever comes. So at the end of every list the
+//! tracker treats what that list's scope no longer shows as deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +29,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::context::{Context, Snapshot, owed_count};
+use crate::context::{Context, Snapshot, is_left_alone, owed_count};
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::server::Readiness;
@@ -64,11 +69,40 @@ struct Worker {
     snapshots: watch::Sender<Arc<Snapshot>>,
 }
 
+/// What one watch stream covers: every namespace, or one.
+#[derive(Clone, Debug)]
+enum Scope {
+    AllNamespaces,
+    Namespace(String),
+}
+
+impl Scope {
+    fn covers(&self, namespace: &str) -> bool {
+        match self {
+            Scope::AllNamespaces => true,
+            Scope::Namespace(own) => own == namespace,
+        }
+    }
+}
+
+/// One watch stream's list, while it runs.
+#[derive(Default)]
+struct ListState {
+    /// The uids the list in progress has shown so far; `None` between lists.
+    seen: Option<HashSet<String>>,
+    /// Whether this stream finished its first list since the process started.
+    synced: bool,
+}
+
 /// The tracker: owns the set of running workers.
 struct Tracker {
     ctx: Arc<Context>,
     workers: HashMap<String, Worker>,
     done_tx: mpsc::UnboundedSender<String>,
+    scopes: Vec<Scope>,
+    lists: Vec<ListState>,
+    /// TaskRuns the backfill rule left alone in the first lists.
+    left_alone_at_start: usize,
 }
 
 impl Tracker {
@@ -86,6 +120,7 @@ impl Tracker {
         };
         Some(Arc::new(Snapshot {
             annotation: ledger_annotation(&taskrun.metadata).map(str::to_owned),
+            annotations_present: taskrun.metadata.annotations.is_some(),
             resource_version: taskrun.metadata.resource_version.clone(),
             taskrun: reference,
             status: taskrun.status,
@@ -94,19 +129,79 @@ impl Tracker {
         }))
     }
 
-    fn on_apply(&mut self, taskrun: TaskRun) {
+    fn on_apply(&mut self, scope: usize, taskrun: TaskRun) {
         let started = Instant::now();
         let Some(snapshot) = self.snapshot(taskrun, false) else {
             return;
         };
         let uid = snapshot.taskrun.uid.clone();
+        let list = &mut self.lists[scope];
+        if let Some(seen) = list.seen.as_mut() {
+            seen.insert(uid.clone());
+        }
+        let first_list = list.seen.is_some() && !list.synced;
         if let Some(worker) = self.workers.get(&uid) {
             worker.snapshots.send_replace(snapshot);
         } else {
+            if first_list && is_left_alone(&self.ctx, &snapshot) {
+                self.left_alone_at_start += 1;
+                self.ctx.metrics.record_backfill_left_alone();
+            }
             self.evaluate(snapshot);
         }
         self.ctx.metrics.observe_reconcile(started.elapsed());
         self.report_sizes();
+    }
+
+    fn on_list_start(&mut self, scope: usize) {
+        self.lists[scope].seen = Some(HashSet::new());
+    }
+
+    /// A list of `scope` ended: whatever it did not show is gone. Workers of
+    /// such TaskRuns get a deleted snapshot (they count what is lost and
+    /// end, sending nothing more), and what was remembered of them is
+    /// dropped. Returns whether every stream has now listed once.
+    fn on_list_done(&mut self, scope: usize) -> bool {
+        let seen = self.lists[scope].seen.take().unwrap_or_default();
+        let covered = &self.scopes[scope];
+        let mut vanished = 0;
+        for worker in self.workers.values() {
+            let latest = worker.snapshots.borrow().clone();
+            if latest.deleted
+                || !covered.covers(&latest.taskrun.namespace)
+                || seen.contains(&latest.taskrun.uid)
+            {
+                continue;
+            }
+            vanished += 1;
+            worker.snapshots.send_replace(Arc::new(Snapshot {
+                deleted: true,
+                ..(*latest).clone()
+            }));
+        }
+        if vanished > 0 {
+            warn!(
+                vanished,
+                "TaskRuns were deleted while the watch was away (absent from the relist); their delivery stops"
+            );
+        }
+        let workers = &self.workers;
+        self.ctx.forget_missing(
+            |namespace| covered.covers(namespace),
+            |uid| seen.contains(uid) || workers.contains_key(uid),
+        );
+        let first = !self.lists[scope].synced;
+        self.lists[scope].synced = true;
+        let all_synced = self.lists.iter().all(|list| list.synced);
+        if first && all_synced && self.left_alone_at_start > 0 {
+            info!(
+                taskruns = self.left_alone_at_start,
+                cutoff = %self.ctx.settings.backfill_cutoff,
+                "left alone TaskRuns without a ledger that finished before the backfill cutoff"
+            );
+        }
+        self.report_sizes();
+        all_synced
     }
 
     /// Starts a worker if the snapshot owes events, or its ledger lost
@@ -205,28 +300,40 @@ impl Tracker {
     }
 }
 
-/// One watch stream over all watched namespaces.
+/// What the watch streams cover: all namespaces, or each `--namespace`.
+fn watch_scopes(ctx: &Context) -> Vec<Scope> {
+    if ctx.settings.namespaces.is_empty() {
+        vec![Scope::AllNamespaces]
+    } else {
+        ctx.settings
+            .namespaces
+            .iter()
+            .map(|ns| Scope::Namespace(ns.clone()))
+            .collect()
+    }
+}
+
+/// One watch stream per scope, merged; each event carries its scope's index.
 fn taskrun_events(
     ctx: &Context,
-) -> impl futures::Stream<Item = Result<watcher::Event<TaskRun>, watcher::Error>> + Send + use<> {
+    scopes: &[Scope],
+) -> impl futures::Stream<Item = (usize, Result<watcher::Event<TaskRun>, watcher::Error>)> + Send + use<>
+{
     let mut config = watcher::Config::default();
     if let Some(selector) = &ctx.settings.label_selector {
         config = config.labels(selector);
     }
     let resource = ctx.version.api_resource();
-    let apis: Vec<Api<TaskRun>> = if ctx.settings.namespaces.is_empty() {
-        vec![Api::all_with(ctx.client.clone(), &resource)]
-    } else {
-        ctx.settings
-            .namespaces
-            .iter()
-            .map(|ns| Api::namespaced_with(ctx.client.clone(), ns, &resource))
-            .collect()
-    };
-    stream::select_all(
-        apis.into_iter()
-            .map(|api| watcher(api, config.clone()).default_backoff().boxed()),
-    )
+    stream::select_all(scopes.iter().enumerate().map(|(index, scope)| {
+        let api: Api<TaskRun> = match scope {
+            Scope::AllNamespaces => Api::all_with(ctx.client.clone(), &resource),
+            Scope::Namespace(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
+        };
+        watcher(api, config.clone())
+            .default_backoff()
+            .map(move |event| (index, event))
+            .boxed()
+    }))
 }
 
 /// Runs the controller until `shutdown` resolves or the watch ends.
@@ -236,14 +343,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let scopes = watch_scopes(&ctx);
+    let mut events = taskrun_events(&ctx, &scopes);
     let mut tracker = Tracker {
         ctx: ctx.clone(),
         workers: HashMap::new(),
         done_tx,
+        lists: scopes.iter().map(|_| ListState::default()).collect(),
+        scopes,
+        left_alone_at_start: 0,
     };
-    let mut events = taskrun_events(&ctx);
-    // Each watched namespace lists once before the cache counts as synced.
-    let mut lists_pending = ctx.settings.namespaces.len().max(1);
     info!(
         version = ctx.version.api_version(),
         namespaces = ?ctx.settings.namespaces,
@@ -255,18 +364,18 @@ pub async fn run(
             () = &mut shutdown => break,
             Some(uid) = done_rx.recv() => tracker.on_worker_done(uid),
             event = events.next() => match event {
-                Some(Ok(watcher::Event::Apply(taskrun) | watcher::Event::InitApply(taskrun))) => {
-                    tracker.on_apply(taskrun);
+                Some((scope, Ok(watcher::Event::Apply(taskrun) | watcher::Event::InitApply(taskrun)))) => {
+                    tracker.on_apply(scope, taskrun);
                 }
-                Some(Ok(watcher::Event::Delete(taskrun))) => tracker.on_delete(taskrun),
-                Some(Ok(watcher::Event::Init)) => {}
-                Some(Ok(watcher::Event::InitDone)) => {
-                    lists_pending = lists_pending.saturating_sub(1);
-                    if lists_pending == 0 {
+                Some((_, Ok(watcher::Event::Delete(taskrun)))) => tracker.on_delete(taskrun),
+                Some((scope, Ok(watcher::Event::Init))) => tracker.on_list_start(scope),
+                Some((scope, Ok(watcher::Event::InitDone))) => {
+                    // Each watched namespace lists once before the cache counts as synced.
+                    if tracker.on_list_done(scope) {
                         readiness.set_watch_synced(true);
                     }
                 }
-                Some(Err(error)) => {
+                Some((_, Err(error))) => {
                     ctx.metrics.record_watch_error();
                     warn!(%error, "TaskRun watch failed; retrying with backoff");
                 }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::step_event::StepEventKind;
+use crate::tekton::LEDGER_ANNOTATION;
 
 /// How an event was settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +280,76 @@ impl Ledger {
     }
 }
 
+/// The JSON Patch (RFC 6902) that writes `new_value` as the ledger
+/// annotation of the TaskRun with `uid`, but only if the annotation still
+/// reads `previous` (`None`: absent). A compare-and-swap on the annotation
+/// alone: Tekton's status writes, which change the resourceVersion many
+/// times a second while steps run, no longer make the write fail, and a
+/// TaskRun recreated under the same name (another uid) is never written.
+///
+/// `annotations_present` says whether `metadata.annotations` exists at all:
+/// `add` needs the parent object, so without it the whole map is added.
+///
+/// NB: absence is tested with `"value": null`. The kube-apiserver applies
+/// JSON Patches with evanphx/json-patch (v4 in `k8s.io/apiserver`
+/// `handlers/patch.go`), whose `test` of `null` passes on a missing member
+/// and fails on any string; RFC 6902 has no other way to test absence.
+pub fn compare_and_swap_patch(
+    uid: &str,
+    previous: Option<&str>,
+    annotations_present: bool,
+    new_value: &str,
+) -> std::result::Result<json_patch::Patch, serde_json::Error> {
+    let member = annotation_pointer();
+    let mut ops = vec![serde_json::json!({"op": "test", "path": "/metadata/uid", "value": uid})];
+    match (previous, annotations_present) {
+        (Some(previous), _) => ops.extend([
+            serde_json::json!({"op": "test", "path": member, "value": previous}),
+            serde_json::json!({"op": "replace", "path": member, "value": new_value}),
+        ]),
+        (None, true) => ops.extend([
+            serde_json::json!({"op": "test", "path": member, "value": null}),
+            serde_json::json!({"op": "add", "path": member, "value": new_value}),
+        ]),
+        (None, false) => ops.extend([
+            serde_json::json!({"op": "test", "path": ANNOTATIONS_POINTER, "value": null}),
+            serde_json::json!({
+                "op": "add",
+                "path": ANNOTATIONS_POINTER,
+                "value": { LEDGER_ANNOTATION: new_value },
+            }),
+        ]),
+    }
+    serde_json::from_value(serde_json::Value::Array(ops))
+}
+
+/// Whether an API error answering [`compare_and_swap_patch`] means that the
+/// patch did not apply to the TaskRun as it is now: a `test` failed (the
+/// annotation or the uid changed under us), or a path it adds to is gone.
+///
+/// NB: the kube-apiserver answers any JSON Patch that does not apply with a
+/// 422 whose message is the generic one below: `handlers/patch.go` passes
+/// the library's error ("testing value … failed: test failed") to
+/// `NewGenericServerResponse`, which drops it for 422. A 422 from
+/// validation (a webhook, an annotation over the size limit) says what is
+/// invalid instead.
+pub fn is_failed_test(code: u16, message: &str) -> bool {
+    code == 422 && (message == PATCH_DID_NOT_APPLY || message.contains("test failed"))
+}
+
+/// The kube-apiserver's message for a 422 built by `NewGenericServerResponse`.
+const PATCH_DID_NOT_APPLY: &str = "the server rejected our request due to an error in our request";
+
+/// JSON Pointer of the annotations map.
+const ANNOTATIONS_POINTER: &str = "/metadata/annotations";
+
+/// JSON Pointer (RFC 6901) of the ledger annotation: `~` and `/` in the key
+/// are escaped as `~0` and `~1`.
+fn annotation_pointer() -> String {
+    let key = LEDGER_ANNOTATION.replace('~', "~0").replace('/', "~1");
+    format!("{ANNOTATIONS_POINTER}/{key}")
+}
+
 /// Maps a full event type to its kind by its `<kind>.v1` ending.
 fn kind_of_type(event_type: &str) -> Option<StepEventKind> {
     let mut parts = event_type.rsplit('.');
@@ -420,5 +491,66 @@ mod tests {
         a.merge(&b);
         assert!(a.covers(&b));
         assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn ledger_patch_replaces_only_the_value_it_read() {
+        let doc = |value: &str| {
+            serde_json::json!({"metadata": {"uid": "u1", "annotations": {
+                LEDGER_ANNOTATION: value, "other": "kept"}}})
+        };
+        let patch = compare_and_swap_patch("u1", Some("old"), true, "new").unwrap();
+        let mut current = doc("old");
+        json_patch::patch(&mut current, &patch).unwrap();
+        assert_eq!(current, doc("new"));
+        // Someone else wrote the annotation since it was read: nothing changes.
+        let mut moved_on = doc("theirs");
+        assert!(json_patch::patch(&mut moved_on, &patch).is_err());
+        assert_eq!(moved_on, doc("theirs"));
+        // Another TaskRun under the same name: nothing changes.
+        let mut recreated = doc("old");
+        recreated["metadata"]["uid"] = serde_json::json!("u2");
+        assert!(json_patch::patch(&mut recreated, &patch).is_err());
+    }
+
+    #[test]
+    fn ledger_patch_tests_absence_with_null_and_escapes_the_key() {
+        let ops = |patch: json_patch::Patch| serde_json::to_value(patch).unwrap();
+        let key = "/metadata/annotations/tekton.plugin.step-observer~1result";
+        assert_eq!(
+            ops(compare_and_swap_patch("u1", None, true, "new").unwrap()),
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u1"},
+                {"op": "test", "path": key, "value": null},
+                {"op": "add", "path": key, "value": "new"},
+            ])
+        );
+        assert_eq!(
+            ops(compare_and_swap_patch("u1", None, false, "new").unwrap()),
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u1"},
+                {"op": "test", "path": "/metadata/annotations", "value": null},
+                {"op": "add", "path": "/metadata/annotations",
+                 "value": {LEDGER_ANNOTATION: "new"}},
+            ])
+        );
+    }
+
+    #[test]
+    fn only_a_failed_test_counts_as_a_conflict() {
+        assert!(is_failed_test(
+            422,
+            "testing value /metadata/uid failed: test failed"
+        ));
+        assert!(!is_failed_test(
+            422,
+            "add operation does not apply: doc is missing path"
+        ));
+        assert!(is_failed_test(422, PATCH_DID_NOT_APPLY));
+        assert!(!is_failed_test(
+            422,
+            "TaskRun.tekton.dev \"tr\" is invalid: metadata.annotations: Too long"
+        ));
+        assert!(!is_failed_test(500, "test failed"));
     }
 }

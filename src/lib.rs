@@ -23,3 +23,4 @@ pub mod steps;
 pub mod tekton;
 #[doc(hidden)]
 pub mod testing;
+pub mod watermark;

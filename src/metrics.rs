@@ -20,6 +20,8 @@
 //! | `sink_configured` | gauge | |
 //! | `leader` | gauge | |
 //! | `ledger_malformed_total` | counter | |
+//! | `ledger_patch_conflicts_total` | counter | |
+//! | `backfill_left_alone_total` | counter | |
 //! | `events_lost_total` | counter | `reason` |
 //! | `log_read_errors_total` | counter | |
 //! | `watch_errors_total` | counter | |
@@ -231,6 +233,8 @@ struct Inner {
     sink_configured: Gauge,
     leader: Gauge,
     ledger_malformed: Counter,
+    ledger_patch_conflicts: Counter,
+    backfill_left_alone: Counter,
     events_lost: Family<LostLabels, Counter>,
     log_read_errors: Counter,
     watch_errors: Counter,
@@ -342,6 +346,20 @@ impl Metrics {
             ledger_malformed.clone(),
         );
 
+        let ledger_patch_conflicts = Counter::default();
+        registry.register(
+            "ledger_patch_conflicts",
+            "Ledger patches refused because the annotation (or the TaskRun) changed since it was read; each is re-read and merged again",
+            ledger_patch_conflicts.clone(),
+        );
+
+        let backfill_left_alone = Counter::default();
+        registry.register(
+            "backfill_left_alone",
+            "TaskRuns left alone because they finished before the backfill window (before the observer last ran, minus --backfill-window)",
+            backfill_left_alone.clone(),
+        );
+
         let events_lost = Family::<LostLabels, Counter>::default();
         registry.register(
             "events_lost",
@@ -385,6 +403,8 @@ impl Metrics {
                 sink_configured,
                 leader,
                 ledger_malformed,
+                ledger_patch_conflicts,
+                backfill_left_alone,
                 events_lost,
                 log_read_errors,
                 watch_errors,
@@ -463,6 +483,16 @@ impl Metrics {
         self.inner.ledger_malformed.inc();
     }
 
+    /// A conditional ledger patch found the annotation changed under it.
+    pub fn record_ledger_patch_conflict(&self) {
+        self.inner.ledger_patch_conflicts.inc();
+    }
+
+    /// A TaskRun was left alone by the backfill rule.
+    pub fn record_backfill_left_alone(&self) {
+        self.inner.backfill_left_alone.inc();
+    }
+
     /// `events` owed events will never be sent, because of `reason`.
     pub fn record_lost(&self, reason: LostReason, events: u64) {
         self.inner
@@ -516,6 +546,8 @@ mod tests {
         metrics.set_sink_configured(true);
         metrics.set_leader(true);
         metrics.record_malformed_ledger();
+        metrics.record_ledger_patch_conflict();
+        metrics.record_backfill_left_alone();
         metrics.record_lost(LostReason::TaskRunDeleted, 2);
         metrics.record_log_read_error();
         metrics.record_watch_error();
@@ -538,6 +570,8 @@ mod tests {
             "tekton_step_observer_sink_configured 1",
             "tekton_step_observer_leader 1",
             "tekton_step_observer_ledger_malformed_total 1",
+            "tekton_step_observer_ledger_patch_conflicts_total 1",
+            "tekton_step_observer_backfill_left_alone_total 1",
             r#"tekton_step_observer_events_lost_total{reason="taskrun_deleted"} 2"#,
             "tekton_step_observer_log_read_errors_total 1",
             "tekton_step_observer_watch_errors_total 1",

@@ -65,6 +65,11 @@ const API_RETRY_DEADLINE: Duration = Duration::from_secs(120);
 /// the sink counts as settled when nothing arrived for this long.
 const SINK_QUIET: Duration = Duration::from_millis(500);
 
+/// Kills aimed right after a sink acknowledgement are tried up to this many
+/// times until one lands before the ledger write that records it (the
+/// write follows within milliseconds when a round ends, so a kill can miss).
+const AIMED_KILL_TRIES: usize = 10;
+
 /// The takeover we promise after the leader dies.
 const TAKEOVER_PROMISE: Duration = Duration::from_secs(15);
 
@@ -569,6 +574,25 @@ async fn settle_and_judge(
     figures["terminal_events_without_log"] = json!(missing_logs.len());
     figures["ledgers_incomplete"] = json!(incomplete.len());
     figures["max_concurrent_deliveries"] = json!(MAX_CONCURRENT_DELIVERIES);
+    let changed = changed_repeats(&arrived);
+    // What the assertions below check, for the report.
+    figures["checks"] = json!({
+        "nothing_lost": arrived_in.missing.is_empty() && verdict.missing.is_empty(),
+        "repeats_unchanged": changed.is_empty(),
+        "repeats_explained_by_kills": unexplained.is_empty() && verdict.repeats <= allowed,
+        "terminal_events_carry_logs": missing_logs.is_empty(),
+        "ledgers_complete": incomplete.is_empty(),
+        "all_delivered": verdict.delivered == total_expected(plan),
+    });
+    if figures.get("headline").is_none() {
+        figures["headline"] = json!(format!(
+            "{} TaskRuns, {} events; {} repeats ({} allowed by kills)",
+            plan.len(),
+            verdict.delivered,
+            verdict.repeats,
+            allowed
+        ));
+    }
     eprintln!(
         "{case}: {}",
         serde_json::to_string_pretty(&figures).unwrap()
@@ -581,7 +605,6 @@ async fn settle_and_judge(
         verdict.missing,
         log_tails(observers)
     );
-    let changed = changed_repeats(&arrived);
     assert!(
         changed.is_empty(),
         "repeats whose content changed: {changed:#?}"
@@ -670,7 +693,10 @@ fn sink_url(addr: SocketAddr) -> String {
 }
 
 /// Five SIGKILLs at random moments of the workload, each followed at once
-/// by a restart with the same arguments.
+/// by a restart with the same arguments. The first is aimed right after a
+/// sink acknowledgement, and tried again until one lands before the ledger
+/// write that records it: the repeats such a kill causes (the same ids, sent
+/// again by the restarted process) are what a crash costs.
 #[tokio::test(flavor = "multi_thread")]
 async fn observer_sigkill_five_times_loses_nothing() {
     const CASE: &str = "observer_sigkill_five_times_loses_nothing";
@@ -706,28 +732,51 @@ async fn observer_sigkill_five_times_loses_nothing() {
     let create = create_spread_tolerant(&client, &ns.name, &plan, SPREAD);
     let faults = async {
         let mut kills = Vec::new();
-        for moment in &moments {
+        // Kills aimed between a sink acknowledgement and the ledger write
+        // that records it, until one lands there.
+        let mut aimed_tries = 0;
+        for (index, moment) in moments.iter().enumerate() {
             tokio::time::sleep_until(workload_start + *moment).await;
-            let killed_at = Instant::now();
-            let pid = observer.pid();
-            observer.kill();
-            let in_flight = delivered_not_recorded(&client, &ns.name, &received).await;
-            let restart_at = Instant::now();
-            observer.restart().await;
-            eprintln!(
-                "killed observer pid {pid} at {:?}: {} events delivered but not recorded",
-                killed_at - workload_start,
-                in_flight.len()
-            );
-            kills.push(Kill {
-                at: killed_at,
-                resumed: restart_at,
-                in_flight,
-            });
+            loop {
+                let aimed = index == 0;
+                if aimed {
+                    aimed_tries += 1;
+                    let acknowledged = received.len();
+                    wait_for("an acknowledgement to aim at", DRAIN_DEADLINE, || async {
+                        (received.len() > acknowledged).then_some(())
+                    })
+                    .await;
+                }
+                let killed_at = Instant::now();
+                let pid = observer.pid();
+                observer.kill();
+                let in_flight = delivered_not_recorded(&client, &ns.name, &received).await;
+                let restart_at = Instant::now();
+                observer.restart().await;
+                eprintln!(
+                    "killed observer pid {pid} at {:?}{}: {} events delivered but not recorded",
+                    killed_at - workload_start,
+                    if aimed {
+                        " (right after an acknowledgement)"
+                    } else {
+                        ""
+                    },
+                    in_flight.len()
+                );
+                let landed = !in_flight.is_empty();
+                kills.push(Kill {
+                    at: killed_at,
+                    resumed: restart_at,
+                    in_flight,
+                });
+                if !aimed || landed || aimed_tries >= AIMED_KILL_TRIES {
+                    break;
+                }
+            }
         }
-        kills
+        (kills, aimed_tries)
     };
-    let (created, kills) = tokio::join!(create, faults);
+    let (created, (kills, aimed_tries)) = tokio::join!(create, faults);
 
     // Recovery figures need the arrivals after each restart, so they are
     // read once everything has arrived.
@@ -752,8 +801,11 @@ async fn observer_sigkill_five_times_loses_nothing() {
     let figures = json!({
         "case": CASE,
         "seed": seed,
-        "fault": format!("observer SIGKILLed {KILLS} times at random moments, restarted at once with the same arguments"),
+        "fault": format!("observer SIGKILLed {} times (the first aimed right after a sink acknowledgement, {aimed_tries} tries), restarted at once with the same arguments", kills.len()),
         "kills": kill_figures,
+        "aimed_kill_tries": aimed_tries,
+        "kills_between_ack_and_ledger_write": kills.iter().filter(|kill| !kill.in_flight.is_empty()).count(),
+        "events_unrecorded_at_kills": kills.iter().map(|kill| kill.in_flight.len()).sum::<usize>(),
         "recovery_ms_max": recovery_max,
         "repeat_bound_kills_x_max_concurrent": KILLS * MAX_CONCURRENT_DELIVERIES,
         "missing_at_drain": verdict.missing.len(),
@@ -771,6 +823,10 @@ async fn observer_sigkill_five_times_loses_nothing() {
         figures,
     )
     .await;
+    assert!(
+        kills.iter().any(|kill| !kill.in_flight.is_empty()),
+        "no kill landed between a sink acknowledgement and its ledger write in {aimed_tries} aimed tries"
+    );
     eprintln!("{CASE} took {:?}", started.elapsed());
     drop(observer);
     delete_namespaces(&client, &[&ns]).await;
@@ -903,6 +959,210 @@ async fn leader_failover_within_fifteen_seconds() {
     assert_eq!(leads(survivor).await, Some(true));
     eprintln!("{CASE} took {:?}", started.elapsed());
     drop((a, b));
+    delete_namespaces(&client, &[&ns, &lease_ns]).await;
+}
+
+/// The API server's count of PATCH requests on TaskRuns, by answer code
+/// (`apiserver_request_total`): only the observer patches TaskRuns (Tekton
+/// writes them with update), so these are its ledger writes.
+async fn taskrun_patches_by_code(client: &Client) -> HashMap<String, f64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client
+        .request_text(request)
+        .await
+        .expect("the API server's /metrics");
+    let mut counts = HashMap::new();
+    for line in text.lines().filter(|line| {
+        line.starts_with("apiserver_request_total{")
+            && line.contains(r#"resource="taskruns""#)
+            && line.contains(r#"verb="PATCH""#)
+    }) {
+        let code = line
+            .split(r#"code=""#)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or("?")
+            .to_owned();
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *counts.entry(code).or_default() += value;
+    }
+    counts
+}
+
+/// How often the ledger patch is refused because the TaskRun changed under
+/// it, per 100 TaskRuns of the usual workload, from the API server's own
+/// counts. A refused patch is a 409 (a write conditional on the
+/// resourceVersion, which Tekton's status writes move on many times a
+/// second) or a 422 (a JSON Patch whose `test` failed: the annotation
+/// changed). `E2E_OBSERVER_BIN` measures another build the same way
+/// (`E2E_OBSERVER_LABEL` then names the figures).
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_patch_conflicts_per_hundred_taskruns() {
+    const TASKRUN_COUNT: usize = 100;
+    let label = std::env::var("E2E_OBSERVER_LABEL").unwrap_or_default();
+    let case = if label.is_empty() {
+        "ledger_patch_conflicts_per_hundred_taskruns".to_owned()
+    } else {
+        format!("ledger_patch_conflicts_per_hundred_taskruns_{label}")
+    };
+    let started = Instant::now();
+    let seed = seed();
+    let plan = plan(seed, TASKRUN_COUNT);
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "faults-conflicts").await;
+    let (addr, received) = start_receiver().await;
+    let sink = sink_url(addr);
+    let max = MAX_CONCURRENT_DELIVERIES.to_string();
+    let observer = Observer::start(&case, &observer_args(&ns.name, &sink, &max), None).await;
+    let monitor = LedgerMonitor::start(&client, &ns.name);
+    let before = taskrun_patches_by_code(&client).await;
+    let created = create_spread_tolerant(&client, &ns.name, &plan, SPREAD).await;
+    await_all_arrived(&plan, &created, &received).await;
+    await_ledgers(&client, &ns.name, &plan, &created).await;
+    let after = taskrun_patches_by_code(&client).await;
+    let delta = |code: &str| after.get(code).unwrap_or(&0.0) - before.get(code).unwrap_or(&0.0);
+    let patches: f64 = after.values().sum::<f64>() - before.values().sum::<f64>();
+    let refused = delta("409") + delta("422");
+    let per_hundred = |n: f64| n * 100.0 / TASKRUN_COUNT as f64;
+    let observer_counted = metric_sum(
+        &observer,
+        "tekton_step_observer_ledger_patch_conflicts_total",
+    )
+    .await;
+    let figures = json!({
+        "case": case,
+        "seed": seed,
+        "observer_build": if label.is_empty() { "this revision".to_owned() } else { label.clone() },
+        "ledger_patches": patches,
+        "refused_409": delta("409"),
+        "refused_422_failed_test": delta("422"),
+        "conflicts_per_100_taskruns": per_hundred(refused),
+        "patches_per_100_taskruns": per_hundred(patches),
+        "observer_metric_ledger_patch_conflicts_total": observer_counted,
+        "headline": format!("{:.1} refused ledger patches per 100 TaskRuns ({} of {} patches: {} answered 409, {} answered 422)", per_hundred(refused), refused, patches, delta("409"), delta("422")),
+    });
+    settle_and_judge(
+        &case,
+        &client,
+        &ns.name,
+        &plan,
+        &created,
+        &received,
+        &[],
+        &monitor,
+        &[&observer],
+        figures,
+    )
+    .await;
+    eprintln!("{case} took {:?}", started.elapsed());
+    drop(observer);
+    delete_namespaces(&client, &[&ns]).await;
+}
+
+/// A rolling restart of a Deployment of two replicas, as Kubernetes does
+/// it: a new replica starts, then an old one gets SIGTERM, twice over. The
+/// one that leads at its SIGTERM finishes its sends, writes its ledgers and
+/// hands the Lease over; nothing may be sent twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_restart_repeats_nothing() {
+    const CASE: &str = "rolling_restart_repeats_nothing";
+    /// SIGTERM to exit: the observer's grace period (20 s) plus margin.
+    const EXIT_DEADLINE: Duration = Duration::from_secs(25);
+    /// Between the two steps of the roll, so that both fall in the workload.
+    const ROLL_PAUSE: Duration = Duration::from_secs(5);
+    let started = Instant::now();
+    let seed = seed();
+    let plan = plan(seed, TASKRUNS);
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "faults-rolling").await;
+    let lease_ns = TestNamespace::create(&client, "faults-rolling-lease").await;
+    let (addr, received) = start_receiver().await;
+    let sink = sink_url(addr);
+    let max = MAX_CONCURRENT_DELIVERIES.to_string();
+    let replica = |identity: &'static str| {
+        let mut args = observer_args(&ns.name, &sink, &max);
+        args.extend([
+            "--leader-elect",
+            "--leader-election-namespace",
+            &lease_ns.name,
+            "--identity",
+            identity,
+        ]);
+        args
+    };
+    let old_a = Observer::start("faults-rolling-a", &replica("a"), None).await;
+    wait_for("replica a to lead", Duration::from_secs(30), || async {
+        leads(&old_a).await.filter(|l| *l)
+    })
+    .await;
+    let old_b = Observer::start("faults-rolling-b", &replica("b"), None).await;
+
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x2011);
+    let first_at =
+        Duration::from_secs(8) + Duration::from_secs(10).mul_f64(rng.random_range(0.0..1.0));
+    let monitor = LedgerMonitor::start(&client, &ns.name);
+    let workload_start = Instant::now();
+    let create = create_spread_tolerant(&client, &ns.name, &plan, SPREAD);
+    let roll = async {
+        tokio::time::sleep_until(workload_start + first_at).await;
+        let mut steps = Vec::new();
+        let mut replaced = Vec::new();
+        for (mut old, identity) in [(old_a, "c"), (old_b, "d")] {
+            // maxSurge 1: the new replica is up before the old one stops.
+            let new = Observer::start(
+                &format!("faults-rolling-{identity}"),
+                &replica(identity),
+                None,
+            )
+            .await;
+            let led = leads(&old).await == Some(true);
+            let stopped_at = Instant::now();
+            assert!(
+                old.terminate(EXIT_DEADLINE).await,
+                "a replica exits on SIGTERM within its grace period:\n{}",
+                old.log_text()
+            );
+            steps.push(json!({
+                "at_s": (stopped_at - workload_start).as_secs_f64(),
+                "stopped_leader": led,
+                "exit_ms": ms(stopped_at.elapsed()),
+            }));
+            replaced.push((old, new));
+            // Like a Deployment's minReadySeconds: the next step waits a while.
+            tokio::time::sleep(ROLL_PAUSE).await;
+        }
+        (steps, replaced)
+    };
+    let (created, (steps, replaced)) = tokio::join!(create, roll);
+    let verdict = await_all_arrived(&plan, &created, &received).await;
+    let figures = json!({
+        "case": CASE,
+        "seed": seed,
+        "fault": format!("rolling restart of two replicas with leader election: a new replica started, then an old one SIGTERMed, twice, from {:.1} s into the workload", first_at.as_secs_f64()),
+        "steps": steps,
+        "missing_at_drain": verdict.missing.len(),
+    });
+    let observers: Vec<&Observer> = replaced.iter().flat_map(|(old, new)| [old, new]).collect();
+    // No kills: no repeat is allowed.
+    settle_and_judge(
+        CASE,
+        &client,
+        &ns.name,
+        &plan,
+        &created,
+        &received,
+        &[],
+        &monitor,
+        &observers,
+        figures,
+    )
+    .await;
+    eprintln!("{CASE} took {:?}", started.elapsed());
+    drop(replaced);
     delete_namespaces(&client, &[&ns, &lease_ns]).await;
 }
 
@@ -1081,12 +1341,160 @@ async fn component_restart_case(case: &str, component: &'static str) {
     delete_namespaces(&client, &[&ns]).await;
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(sent, "kill -{signal} {pid}");
+}
+
+/// A TaskRun deleted while the observer's watch was away is absent from the
+/// relist that follows, and no Delete event ever comes for it. The observer
+/// is frozen (SIGSTOP) while its TaskRun still owes events (the sink answers
+/// 503), the API server restarts and the TaskRun is deleted: the new API
+/// server's watch cache starts after the observer's resourceVersion, so the
+/// resumed watch is refused with 410 Gone and the observer lists again. Nothing more may
+/// be sent for the deleted TaskRun, and what it owed is counted as lost.
+async fn watch_gap_case() {
+    const CASE: &str = "taskrun_deleted_during_a_watch_gap_sends_nothing_and_counts_the_loss";
+    let started = Instant::now();
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "faults-watch-gap").await;
+    let (addr, received) = start_receiver().await;
+    received
+        .fail_with
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let sink = sink_url(addr);
+    let max = MAX_CONCURRENT_DELIVERIES.to_string();
+    let observer = Observer::start(CASE, &observer_args(&ns.name, &sink, &max), None).await;
+    let resource = taskrun_resource("v1");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &resource);
+    let steps = [support::ok("a"), support::ok("b")];
+    let gone = support::create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "gone", &steps, None),
+    )
+    .await;
+    support::wait_finished(&client, &ns.name, "gone").await;
+    // The observer has tried (and the sink refused) at least once.
+    wait_for("a refused delivery", Duration::from_secs(60), || async {
+        (metric_sum(&observer, "tekton_step_observer_delivery_retries_total").await > 0.0)
+            .then_some(())
+    })
+    .await;
+
+    // NB: the restart comes before the deletion. A deletion while the old
+    // API server still ran would sit, as a Delete event, in the frozen
+    // observer's socket, and be read on waking: no gap at all.
+    signal(observer.pid(), "STOP");
+    let restart = restart_component("kube-apiserver").await;
+    retrying("delete the TaskRun", API_RETRY_DEADLINE, || async {
+        match api.delete("gone", &Default::default()).await {
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            other => other.map(|_| ()),
+        }
+    })
+    .await;
+    wait_for(
+        "the TaskRun to be gone",
+        Duration::from_secs(60),
+        || async { matches!(api.get_opt("gone").await, Ok(None)).then_some(()) },
+    )
+    .await;
+    signal(observer.pid(), "CONT");
+    // The sink stays down until the observer relisted (or long past when it
+    // should have): it cannot know of the deletion before, and a sink that
+    // recovered first would take what a worker had in flight.
+    let relisted = support::try_wait_for(Duration::from_secs(90), || async {
+        observer
+            .log_text()
+            .contains("absent from the relist")
+            .then_some(())
+    })
+    .await
+    .is_some();
+    received
+        .fail_with
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+
+    // The observer works on: a TaskRun created now gets all its events.
+    let after = create_tolerant(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "after", &steps, None),
+    )
+    .await;
+    received.wait_for_count(&after, 4).await;
+    let lost = wait_for(
+        "the loss to be counted",
+        Duration::from_secs(60),
+        || async {
+            let lost = metric_sum(&observer, "tekton_step_observer_events_lost_total").await;
+            (lost > 0.0).then_some(lost)
+        },
+    )
+    .await;
+    sink_quiet(&received).await;
+    let log = observer.log_text();
+    let sent_for_gone = received.for_taskrun(&gone).len();
+    let tracked = metric_sum(&observer, "tekton_step_observer_tracked_taskruns").await;
+    record_figures(
+        CASE,
+        json!({
+            "case": CASE,
+            "injected": "observer frozen (SIGSTOP) while a finished TaskRun owed 4 events to a sink answering 503; kube-apiserver restarted; the TaskRun deleted; observer resumed (its watch expired: 410) and, once it relisted, the sink recovered",
+            "expected": 4,
+            "delivered": received.for_taskrun(&after).len(),
+            "missing": 0,
+            "repeats": 0,
+            "recovery_seconds": null,
+            "events_sent_for_the_deleted_taskrun": sent_for_gone,
+            "events_lost_total": lost,
+            "tracked_taskruns_after": tracked,
+            "restart_report": restart.report,
+            "checks": {
+                "relist_noticed_the_deletion": relisted,
+                "nothing_sent_for_the_deleted_taskrun": sent_for_gone == 0,
+                "loss_counted": lost == 4.0,
+            },
+            "headline": format!("deleted during the gap: {sent_for_gone} events sent for it, events_lost_total = {lost}; the TaskRun created after the gap got its 4 events"),
+        }),
+    );
+    assert!(
+        relisted,
+        "the watch relisted and noticed the deletion; log:\n{log}"
+    );
+    assert_eq!(
+        sent_for_gone, 0,
+        "nothing sent for a deleted TaskRun; log:\n{log}"
+    );
+    assert_eq!(
+        lost, 4.0,
+        "the 4 owed events are counted as lost; log:\n{log}"
+    );
+    assert_eq!(
+        tracked, 1.0,
+        "only the TaskRun that still exists is tracked; log:\n{log}"
+    );
+    eprintln!("{CASE} took {:?}", started.elapsed());
+    drop(observer);
+    delete_namespaces(&client, &[&ns]).await;
+}
+
 /// Restart the API server or etcd under the running workload. They run
 /// alone, after everything else (`hack/e2e` and `make reliability` run
 /// `disruptive::` in a run of its own, after the other cases), as they take
 /// the whole cluster's API away for a while.
 mod disruptive {
-    use super::component_restart_case;
+    use super::{component_restart_case, watch_gap_case};
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn taskrun_deleted_during_a_watch_gap_sends_nothing_and_counts_the_loss() {
+        watch_gap_case().await;
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn apiserver_restart_mid_run_loses_nothing() {

@@ -9,6 +9,7 @@ mod support;
 #[allow(dead_code, reason = "shared by several test crates")]
 mod workload;
 
+mod backfill;
 mod real_entrypoint;
 mod shutdown;
 mod sink_policy;
@@ -175,7 +176,20 @@ async fn assert_run_ended(
     expected: &[(&str, &str)],
     reason: &str,
 ) {
-    let events = received.wait_for_count(uid, expected.len()).await;
+    let arrived = try_wait_for(EVENT_DEADLINE, || async {
+        let events = received.for_taskrun(uid);
+        (events.len() >= expected.len()).then_some(events)
+    })
+    .await;
+    let Some(events) = arrived else {
+        panic!(
+            "timed out after {EVENT_DEADLINE:?} waiting for {} events for TaskRun {uid}; got {:?}\nTaskRun: {}\nobserver log:\n{}",
+            expected.len(),
+            summary(&received.for_taskrun(uid)),
+            get_taskrun(client, &ns.name, "tr").await,
+            observer.log_text()
+        );
+    };
     assert_eq!(
         summary(&events),
         expect(expected),

@@ -125,8 +125,16 @@ async fn without_a_sink_the_observer_is_ready_and_says_so() {
         metrics.contains("tekton_step_observer_sink_configured 0"),
         "{metrics}"
     );
+    // The line may be written just after the state /readyz reports.
+    let logged = try_wait_for(EVENT_DEADLINE, || async {
+        observer
+            .log_text()
+            .contains("no CloudEvents sink")
+            .then_some(())
+    })
+    .await;
     assert!(
-        observer.log_text().contains("no CloudEvents sink"),
+        logged.is_some(),
         "a log line names it: {}",
         observer.log_text()
     );

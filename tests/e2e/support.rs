@@ -276,6 +276,11 @@ impl Received {
         self.events.lock().unwrap().clone()
     }
 
+    /// How many events were acknowledged so far (cheaper than `events()`).
+    pub fn len(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
     /// Every event with the moment it arrived, in arrival order.
     pub fn arrivals(&self) -> Vec<(Instant, Event)> {
         let events = self.events.lock().unwrap();
@@ -394,7 +399,11 @@ impl Observer {
         kubeconfig: Option<&str>,
         file: std::fs::File,
     ) -> Child {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tekton-step-observer"));
+        // E2E_OBSERVER_BIN runs another build (say, an older revision's) for
+        // a measurement side by side; the tests' own build otherwise.
+        let binary = std::env::var("E2E_OBSERVER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tekton-step-observer").to_owned());
+        let mut command = Command::new(binary);
         command
             .arg("run")
             .args([
@@ -572,7 +581,13 @@ pub async fn capture_fixture(client: &Client, namespace: &str, name: &str, fixtu
 
 /// Saves one fault case's figures as `<case>.json` under `RELIABILITY_DIR`
 /// (default: `target/reliability`), for `make reliability` to render.
-pub fn record_figures(case: &str, figures: Value) {
+pub fn record_figures(case: &str, mut figures: Value) {
+    // The suite is the test crate that recorded the case.
+    if let Some(object) = figures.as_object_mut() {
+        object
+            .entry("suite")
+            .or_insert_with(|| Value::from(env!("CARGO_CRATE_NAME")));
+    }
     let dir = std::env::var("RELIABILITY_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reliability"));

@@ -1,0 +1,141 @@
+//! `--backfill-window`: on first install the observer leaves alone what
+//! finished long before; an observer that was down for longer than the
+//! window still sends everything that finished while it was down, because
+//! the window counts back from the last moment it was known to run (the
+//! watermark on its Lease).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+
+use crate::support::*;
+
+/// Short, so that the test can outwait it.
+const WINDOW: Duration = Duration::from_secs(3);
+
+/// Completion times are to the second; waiting this much past the window
+/// puts a TaskRun surely outside it.
+const MARGIN: Duration = Duration::from_secs(2);
+
+const LEASE: &str = "backfill-watermark";
+
+fn completion_time(taskrun: &serde_json::Value) -> DateTime<Utc> {
+    let text = taskrun["status"]["completionTime"]
+        .as_str()
+        .expect("a finished TaskRun has a completionTime");
+    DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+/// Waits until `at` + the window + the margin has passed.
+async fn outwait_window(at: DateTime<Utc>) {
+    let until = at + WINDOW + MARGIN;
+    wait_for(
+        "the backfill window to pass",
+        Duration::from_secs(30),
+        || async { (Utc::now() > until).then_some(()) },
+    )
+    .await;
+}
+
+async fn left_alone(observer: &Observer) -> Option<f64> {
+    observer
+        .metrics_text()
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("tekton_step_observer_backfill_left_alone_total "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observer_down_longer_than_the_backfill_window_loses_nothing() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "backfill").await;
+    let (addr, received) = start_receiver().await;
+    let sink = format!("http://{addr}/");
+
+    // Finished long (longer than the window) before the first install.
+    let old = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "old", &[ok("a")], None),
+    )
+    .await;
+    outwait_window(completion_time(
+        &wait_finished(&client, &ns.name, "old").await,
+    ))
+    .await;
+
+    let window = format!("{}s", WINDOW.as_secs());
+    let args = [
+        "--namespace",
+        &ns.name,
+        "--sink",
+        &sink,
+        "--backfill-window",
+        &window,
+        "--leader-election-namespace",
+        &ns.name,
+        "--leader-election-id",
+        LEASE,
+    ];
+    let mut observer = Observer::start("backfill", &args, None).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("the watermark on the Lease", EVENT_DEADLINE, || async {
+        let lease = leases.get_opt(LEASE).await.ok()??;
+        lease
+            .metadata
+            .annotations?
+            .contains_key("tekton.plugin.step-observer/running-at")
+            .then_some(())
+    })
+    .await;
+    wait_for(
+        "old to be counted as left alone",
+        EVENT_DEADLINE,
+        || async { (left_alone(&observer).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+
+    // Down for longer than the window, while a TaskRun runs and finishes.
+    assert!(
+        observer.terminate(Duration::from_secs(25)).await,
+        "the observer exits on SIGTERM; log:\n{}",
+        observer.log_text()
+    );
+    let uid = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "tr", &[ok("build"), ok("push")], None),
+    )
+    .await;
+    outwait_window(completion_time(
+        &wait_finished(&client, &ns.name, "tr").await,
+    ))
+    .await;
+
+    observer.restart().await;
+    let events = received.wait_for_count(&uid, 4).await;
+    assert_eq!(
+        summary(&events),
+        expect(&[
+            ("build", "started"),
+            ("build", "succeeded"),
+            ("push", "started"),
+            ("push", "succeeded"),
+        ]),
+        "{}",
+        observer.log_text()
+    );
+    wait_for("old to be left alone again", EVENT_DEADLINE, || async {
+        (left_alone(&observer).await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(
+        received.for_taskrun(&old).is_empty(),
+        "what finished before the first install is left alone"
+    );
+}
