@@ -555,6 +555,9 @@ async fn patch_ledger(
     // NB: not gated on leadership: the patch is conditional and the ledger
     // only grows, so a write by a replica that just lost the Lease (or is
     // stopping) can add what it acknowledged but never take anything back.
+    // Set when a compare-and-swap was refused although the annotation had
+    // not changed: the resourceVersion to make the next write conditional on.
+    let mut merge_at: Option<String> = None;
     for _ in 0..MAX_PATCH_ATTEMPTS {
         if current.covers(settled) {
             return Ok(());
@@ -565,17 +568,24 @@ async fn patch_ledger(
             merged.retain_steps(|name| steps.contains(name));
         }
         let value = merged.to_annotation(&ctx.settings.events.type_prefix);
-        let patch = compare_and_swap_patch(
-            &taskrun.uid,
-            previous.as_deref(),
-            annotations_present,
-            &value,
-        )
-        .map_err(|source| patch_error(kube::Error::SerdeError(source)))?;
-        match api
-            .patch(&taskrun.name, &params, &Patch::<()>::Json(patch))
-            .await
-        {
+        let patch: Patch<Value> = match &merge_at {
+            Some(resource_version) => Patch::Merge(serde_json::json!({
+                "metadata": {
+                    "resourceVersion": resource_version,
+                    "annotations": { LEDGER_ANNOTATION: &value },
+                }
+            })),
+            None => Patch::Json(
+                compare_and_swap_patch(
+                    &taskrun.uid,
+                    previous.as_deref(),
+                    annotations_present,
+                    &value,
+                )
+                .map_err(|source| patch_error(kube::Error::SerdeError(source)))?,
+            ),
+        };
+        match api.patch(&taskrun.name, &params, &patch).await {
             Ok(patched) => {
                 *own_write = patched
                     .metadata
@@ -592,13 +602,26 @@ async fn patch_ledger(
             Err(kube::Error::Api(status))
                 if status.code == 409 || is_failed_test(status.code, &status.message) =>
             {
-                ctx.metrics.record_ledger_patch_conflict();
                 let fresh = api.get(&taskrun.name).await.map_err(patch_error)?;
                 if fresh.metadata.uid.as_deref() != Some(taskrun.uid.as_str()) {
                     // A new TaskRun with the same name: ours is gone.
                     return Ok(());
                 }
-                previous = crate::tekton::ledger_annotation(&fresh.metadata).map(str::to_owned);
+                let now = crate::tekton::ledger_annotation(&fresh.metadata).map(str::to_owned);
+                // NB: refused though unchanged: the API server's JSON Patch
+                // compares a `test` string by its JSON encoding, and Go
+                // encodes `<`, `>` and `&` as `\u003c`..., so a foreign
+                // annotation holding them never matches. The merge patch
+                // conditional on the resourceVersion just read is the
+                // compare-and-swap for that case.
+                merge_at = (now == previous
+                    && annotations_present == fresh.metadata.annotations.is_some())
+                .then(|| fresh.metadata.resource_version.clone())
+                .flatten();
+                if merge_at.is_none() {
+                    ctx.metrics.record_ledger_patch_conflict();
+                }
+                previous = now;
                 annotations_present = fresh.metadata.annotations.is_some();
                 current = annotation_ledger(previous.as_deref()).0;
                 last_error = Some(status.message);

@@ -688,6 +688,25 @@ fn observer_args<'a>(namespace: &'a str, sink: &'a str, max: &'a str) -> Vec<&'a
     ]
 }
 
+/// One replica's arguments, with leader election on a Lease in `lease_namespace`.
+fn replica_args<'a>(
+    namespace: &'a str,
+    sink: &'a str,
+    max: &'a str,
+    lease_namespace: &'a str,
+    identity: &'a str,
+) -> Vec<&'a str> {
+    let mut args = observer_args(namespace, sink, max);
+    args.extend([
+        "--leader-elect",
+        "--leader-election-namespace",
+        lease_namespace,
+        "--identity",
+        identity,
+    ]);
+    args
+}
+
 fn sink_url(addr: SocketAddr) -> String {
     format!("http://{addr}/")
 }
@@ -846,17 +865,8 @@ async fn leader_failover_within_fifteen_seconds() {
     let (addr, received) = start_receiver().await;
     let sink = sink_url(addr);
     let max = MAX_CONCURRENT_DELIVERIES.to_string();
-    let replica = |identity: &'static str| {
-        let mut args = observer_args(&ns.name, &sink, &max);
-        args.extend([
-            "--leader-elect",
-            "--leader-election-namespace",
-            &lease_ns.name,
-            "--identity",
-            identity,
-        ]);
-        args
-    };
+    let replica =
+        |identity: &'static str| replica_args(&ns.name, &sink, &max, &lease_ns.name, identity);
     let mut a = Observer::start("faults-leader-a", &replica("a"), None).await;
     wait_for("replica a to lead", Duration::from_secs(30), || async {
         leads(&a).await.filter(|l| *l)
@@ -1083,17 +1093,8 @@ async fn rolling_restart_repeats_nothing() {
     let (addr, received) = start_receiver().await;
     let sink = sink_url(addr);
     let max = MAX_CONCURRENT_DELIVERIES.to_string();
-    let replica = |identity: &'static str| {
-        let mut args = observer_args(&ns.name, &sink, &max);
-        args.extend([
-            "--leader-elect",
-            "--leader-election-namespace",
-            &lease_ns.name,
-            "--identity",
-            identity,
-        ]);
-        args
-    };
+    let replica =
+        |identity: &'static str| replica_args(&ns.name, &sink, &max, &lease_ns.name, identity);
     let old_a = Observer::start("faults-rolling-a", &replica("a"), None).await;
     wait_for("replica a to lead", Duration::from_secs(30), || async {
         leads(&old_a).await.filter(|l| *l)

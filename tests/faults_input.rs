@@ -16,7 +16,7 @@ mod support;
 // decision is covered by `mismatched_status_waits` and `renamed_step_waits`
 // in src/steps_tests.rs instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -103,15 +103,16 @@ fn ledger(entries: &[(&str, &[&str], &[&str])]) -> LedgerMap {
 }
 
 /// Waits until the TaskRun's annotation is a well-formed ledger equal to
-/// `want`; returns the TaskRun.
-async fn wait_for_exact_ledger(
+/// `want`; returns the TaskRun, or at the deadline what went wrong (the
+/// case records its figures before it fails on that).
+async fn exact_ledger(
     client: &Client,
     ns: &str,
     name: &str,
     want: &LedgerMap,
     deadline: Duration,
     observer: &Observer,
-) -> Value {
+) -> Result<Value, String> {
     let last = Mutex::new(None);
     let found = try_wait_for(deadline, || {
         let last = &last;
@@ -125,13 +126,20 @@ async fn wait_for_exact_ledger(
         }
     })
     .await;
-    found.unwrap_or_else(|| {
-        panic!(
+    found.ok_or_else(|| {
+        format!(
             "TaskRun {ns}/{name}: the ledger never became {want:?}; last annotation (start): {:?}\nobserver log (end):\n{}",
             last.lock().unwrap(),
             tail(&observer.log_text(), 6000)
         )
     })
+}
+
+/// Fails the case with what [`exact_ledger`] saw, if the ledger never came.
+fn assert_ledger(ledger: &Result<Value, String>) {
+    if let Err(why) = ledger {
+        panic!("{why}");
+    }
 }
 
 fn tail(text: &str, bytes: usize) -> &str {
@@ -140,6 +148,16 @@ fn tail(text: &str, bytes: usize) -> &str {
         start += 1;
     }
     &text[start..]
+}
+
+/// Whether every event carries its deterministic id `<uid>-<step>-<type>`
+/// (what [`assert_deterministic_ids`] asserts, as a figure).
+fn ids_deterministic(events: &[Event], uid: &str) -> bool {
+    events.iter().all(|event| {
+        event
+            .subject()
+            .is_some_and(|step| event.id() == format!("{uid}-{step}-{}", event.ty()))
+    })
 }
 
 /// Every event carries its deterministic id `<uid>-<step>-<type>`.
@@ -172,22 +190,49 @@ async fn metric_now(observer: &Observer, series: &str) -> f64 {
     metric(&text, series).unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
 }
 
-/// The observer still runs and answers /healthz with 200.
-async fn assert_alive(observer: &mut Observer) {
-    assert!(
-        observer.is_running(),
-        "the observer exited; log:\n{}",
-        tail(&observer.log_text(), 6000)
-    );
-    let status = reqwest::get(format!("http://{}/healthz", observer.metrics))
-        .await
-        .expect("healthz")
-        .status();
-    assert_eq!(status, 200, "/healthz");
+/// Whether the observer still ran and what its /healthz answered, taken
+/// once: the case records it as a check, then asserts it.
+struct Liveness {
+    running: bool,
+    healthz: Result<u16, String>,
+    /// The end of its log, when it had exited (for the failure message).
+    log: String,
 }
 
-/// Waits until the observer's log contains `needle`; returns the line.
-async fn wait_for_log_line(observer: &Observer, needle: &str) -> String {
+impl Liveness {
+    /// It still runs and answers /healthz with 200.
+    fn ok(&self) -> bool {
+        self.running && self.healthz == Ok(200)
+    }
+
+    fn assert(&self) {
+        assert!(self.running, "the observer exited; log:\n{}", self.log);
+        let status = self.healthz.as_ref().expect("healthz");
+        assert_eq!(*status, 200, "/healthz");
+    }
+}
+
+async fn liveness(observer: &mut Observer) -> Liveness {
+    let running = observer.is_running();
+    let healthz = reqwest::get(format!("http://{}/healthz", observer.metrics))
+        .await
+        .map(|response| response.status().as_u16())
+        .map_err(|e| e.to_string());
+    let log = if running {
+        String::new()
+    } else {
+        tail(&observer.log_text(), 6000).to_owned()
+    };
+    Liveness {
+        running,
+        healthz,
+        log,
+    }
+}
+
+/// Waits until the observer's log contains `needle`; returns the line, or
+/// at the deadline the failure message (the case records its figures first).
+async fn find_log_line(observer: &Observer, needle: &str) -> Result<String, String> {
     let found = try_wait_for(EVENT_DEADLINE, || async {
         observer
             .log_text()
@@ -196,8 +241,8 @@ async fn wait_for_log_line(observer: &Observer, needle: &str) -> String {
             .map(str::to_owned)
     })
     .await;
-    found.unwrap_or_else(|| {
-        panic!(
+    found.ok_or_else(|| {
+        format!(
             "no log line with {needle:?}; log:\n{}",
             tail(&observer.log_text(), 6000)
         )
@@ -225,38 +270,92 @@ async fn warnings(
         .collect()
 }
 
-/// Waits for at least `count` such Warning Events; returns their notes.
-async fn wait_for_warnings(
+/// Waits for at least `count` such Warning Events; returns the notes of
+/// those found by the deadline, maybe fewer (the case asserts the count
+/// after recording its figures).
+async fn warning_notes(
     client: &Client,
     ns: &str,
     uid: &str,
     reason: &str,
     count: usize,
 ) -> Vec<String> {
-    wait_for(
-        &format!("{count} Warning Event(s) {reason} on {uid}"),
-        EVENT_DEADLINE,
-        || async {
-            let found = warnings(client, ns, uid, reason).await;
-            (found.len() >= count).then(|| found.into_iter().filter_map(|e| e.note).collect())
-        },
-    )
-    .await
+    let enough = try_wait_for(EVENT_DEADLINE, || async {
+        let found = warnings(client, ns, uid, reason).await;
+        (found.len() >= count).then_some(found)
+    })
+    .await;
+    let found = match enough {
+        Some(found) => found,
+        None => warnings(client, ns, uid, reason).await,
+    };
+    found.into_iter().filter_map(|e| e.note).collect()
 }
 
-/// A control TaskRun of one step in `ns`: other TaskRuns keep delivering.
-async fn control_delivers(client: &Client, ns: &str, name: &str, received: &Received) {
+/// Waits until `count` events about the TaskRun arrived; at the deadline,
+/// returns what did arrive, so the case records the short count before its
+/// assertions fail on it.
+async fn arrived(received: &Received, uid: &str, count: usize, deadline: Duration) -> Vec<Event> {
+    let enough = try_wait_for(deadline, || async {
+        let events = received.for_taskrun(uid);
+        (events.len() >= count).then_some(events)
+    })
+    .await;
+    enough.unwrap_or_else(|| received.for_taskrun(uid))
+}
+
+/// What a control TaskRun of one step calls for.
+const CONTROL_EVENTS: [(&str, &str); 2] = [("only", "started"), ("only", "succeeded")];
+
+/// A control TaskRun of one step in `ns` (other TaskRuns keep delivering);
+/// returns what the sink got of it, for [`control_delivered`].
+async fn run_control(client: &Client, ns: &str, name: &str, received: &Received) -> Vec<Event> {
     let uid = create_taskrun(
         client,
         ns,
         taskrun_manifest("v1", name, &[ok("only")], None),
     )
     .await;
-    let events = received.wait_for_count(&uid, 2).await;
-    assert_eq!(
-        summary(&events),
-        expect(&[("only", "started"), ("only", "succeeded")])
-    );
+    arrived(received, &uid, CONTROL_EVENTS.len(), EVENT_DEADLINE).await
+}
+
+/// The control TaskRun's events arrived, in order.
+fn control_delivered(events: &[Event]) -> bool {
+    summary(events) == expect(&CONTROL_EVENTS)
+}
+
+fn assert_control(events: &[Event]) {
+    assert_eq!(summary(events), expect(&CONTROL_EVENTS));
+}
+
+/// What a case's TaskRuns call for against what the sink acknowledged, as
+/// hack/reliability-report counts it: `delivered` = distinct expected
+/// events acknowledged, `missing` = never acknowledged, `repeats` =
+/// acknowledgements of an id already acknowledged.
+#[derive(Default)]
+struct Tally {
+    expected: usize,
+    delivered: usize,
+    missing: Vec<String>,
+    repeats: usize,
+}
+
+impl Tally {
+    /// Adds one TaskRun, `label` naming it in `missing`: `want` is what it
+    /// calls for, `acked` every event about it the sink acknowledged.
+    fn add(&mut self, label: &str, want: &[(String, String)], acked: &[Event]) {
+        let got: HashSet<(String, String)> = summary(acked).into_iter().collect();
+        self.expected += want.len();
+        for (step, kind) in want {
+            if got.contains(&(step.clone(), kind.clone())) {
+                self.delivered += 1;
+            } else {
+                self.missing.push(format!("{label}/{step}.{kind}"));
+            }
+        }
+        let ids: HashSet<&str> = acked.iter().map(|e| e.id()).collect();
+        self.repeats += acked.len() - ids.len();
+    }
 }
 
 /// The VmHWM (peak resident set) of a process, in KiB.
@@ -366,16 +465,16 @@ impl ScriptedSink {
             .collect()
     }
 
+    /// Waits until the sink took `count` events about one TaskRun; at the
+    /// deadline, returns those it did take (the case asserts the count after
+    /// recording its figures).
     async fn wait_accepted(&self, uid: &str, count: usize) -> Vec<Event> {
-        wait_for(
-            &format!("{count} accepted events for {uid}"),
-            EVENT_DEADLINE,
-            || async {
-                let events = self.accepted_for(uid);
-                (events.len() >= count).then_some(events)
-            },
-        )
-        .await
+        let enough = try_wait_for(EVENT_DEADLINE, || async {
+            let events = self.accepted_for(uid);
+            (events.len() >= count).then_some(events)
+        })
+        .await;
+        enough.unwrap_or_else(|| self.accepted_for(uid))
     }
 }
 
@@ -420,45 +519,119 @@ async fn malformed_ledger_is_reported_and_rewritten() {
         ("a", &["started", "succeeded"], &[]),
         ("b", &["started", "succeeded"], &[]),
     ]);
+    let want_events = expect(&[
+        ("a", "started"),
+        ("a", "succeeded"),
+        ("b", "started"),
+        ("b", "succeeded"),
+    ]);
+    /// What one TaskRun with a bad ledger got; asserted after the figures
+    /// are recorded.
+    struct Seen {
+        events: Vec<Event>,
+        ledger: Result<Value, String>,
+        notes: Vec<String>,
+        /// Every event about it, once its ledger was rewritten.
+        sent: Vec<Event>,
+    }
+    let names_annotation = |notes: &[String]| {
+        notes
+            .iter()
+            .any(|n| n.contains(LEDGER_KEY) && n.contains("malformed"))
+    };
+    let mut seen = Vec::new();
+    let mut tally = Tally::default();
     for ((name, _), uid) in cases.iter().zip(&uids) {
-        let events = received.wait_for_count(uid, 4).await;
-        assert_eq!(
-            summary(&events),
-            expect(&[
-                ("a", "started"),
-                ("a", "succeeded"),
-                ("b", "started"),
-                ("b", "succeeded"),
-            ]),
-            "{name}: all events, in order, although the bad ledger claims a.started"
-        );
-        assert_deterministic_ids(&events, uid);
-        wait_for_exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
-        let notes = wait_for_warnings(&client, &ns.name, uid, "LedgerMalformed", 1).await;
-        assert!(
-            notes
-                .iter()
-                .any(|n| n.contains(LEDGER_KEY) && n.contains("malformed")),
-            "{name}: the Event names the annotation: {notes:?}"
-        );
-        assert_eq!(
-            received.for_taskrun(uid).len(),
-            4,
-            "{name}: nothing sent twice"
-        );
+        let events = arrived(&received, uid, want_events.len(), EVENT_DEADLINE).await;
+        let ledger = exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
+        let notes = warning_notes(&client, &ns.name, uid, "LedgerMalformed", 1).await;
+        let sent = received.for_taskrun(uid);
+        tally.add(name, &want_events, &sent);
+        seen.push(Seen {
+            events,
+            ledger,
+            notes,
+            sent,
+        });
     }
     let malformed = metric_now(&observer, "tekton_step_observer_ledger_malformed_total").await;
+    let logged = find_log_line(&observer, "ledger annotation is malformed").await;
+    let control = run_control(&client, &ns.name, "control", &received).await;
+    tally.add("control", &expect(&CONTROL_EVENTS), &control);
+    let live = liveness(&mut observer).await;
+
+    let in_order = seen
+        .iter()
+        .filter(|s| summary(&s.events) == want_events)
+        .count();
+    let rewritten = seen.iter().filter(|s| s.ledger.is_ok()).count();
+    let warned = seen.iter().filter(|s| names_annotation(&s.notes)).count();
+    let names: Vec<&str> = cases.iter().map(|(name, _)| *name).collect();
+    let n = cases.len();
+    record_figures(
+        "faults_input_malformed_ledger",
+        json!({
+            "ledgers": cases.len(),
+            "ledger_malformed_total": malformed,
+            "injected": format!(
+                "a malformed ledger annotation ({}) set at creation on {} TaskRuns of 2 steps",
+                names.join(", "),
+                cases.len()
+            ),
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            // A bad annotation is there from the start; no fault ends.
+            "recovery_seconds": null,
+            "checks": {
+                "all_events_in_order": in_order == seen.len(),
+                "deterministic_ids": seen
+                    .iter()
+                    .zip(&uids)
+                    .all(|(s, uid)| ids_deterministic(&s.events, uid)),
+                "ledgers_rewritten": rewritten == seen.len(),
+                "warning_event_names_the_annotation": warned == seen.len(),
+                "nothing_sent_twice": seen.iter().all(|s| s.sent.len() == want_events.len()),
+                "malformed_counted": malformed >= cases.len() as f64,
+                "logged": logged.is_ok(),
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "{n} malformed ledgers: {in_order} of {n} TaskRuns got all their events \
+                 in order ({}/{} events delivered with the control's, {} repeated), \
+                 {rewritten} ledgers rewritten, {warned} Warning Events naming the \
+                 annotation, ledger_malformed_total {malformed}",
+                tally.delivered,
+                tally.expected,
+                tally.repeats
+            ),
+        }),
+    );
+
+    for ((s, uid), (name, _)) in seen.iter().zip(&uids).zip(&cases) {
+        assert_eq!(
+            summary(&s.events),
+            want_events,
+            "{name}: all events, in order, although the bad ledger claims a.started"
+        );
+        assert_deterministic_ids(&s.events, uid);
+        assert_ledger(&s.ledger);
+        assert!(
+            names_annotation(&s.notes),
+            "{name}: the Event names the annotation: {:?}",
+            s.notes
+        );
+        assert_eq!(s.sent.len(), 4, "{name}: nothing sent twice");
+    }
     assert!(
         malformed >= cases.len() as f64,
         "ledger_malformed_total {malformed} counts each bad ledger"
     );
-    wait_for_log_line(&observer, "ledger annotation is malformed").await;
-    control_delivers(&client, &ns.name, "control", &received).await;
-    assert_alive(&mut observer).await;
-    record_figures(
-        "faults_input_malformed_ledger",
-        json!({"ledgers": cases.len(), "ledger_malformed_total": malformed}),
-    );
+    logged.unwrap_or_else(|why| panic!("{why}"));
+    assert_control(&control);
+    live.assert();
 }
 
 /// A valid ledger of exactly `len` bytes that names only steps the TaskRun
@@ -509,7 +682,8 @@ async fn largest_accepted_ledger_annotations_are_survived_and_rewritten() {
     .await;
 
     // What Tekton adds to a step pod's annotations, from a real one.
-    control_delivers(&client, &ns.name, "control", &received).await;
+    let first_control = run_control(&client, &ns.name, "control", &received).await;
+    assert_control(&first_control);
     let control = wait_finished(&client, &ns.name, "control").await;
     let pod_name = control["status"]["podName"].as_str().expect("podName");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -532,22 +706,16 @@ async fn largest_accepted_ledger_annotations_are_survived_and_rewritten() {
         taskrun_manifest("v1", "too-big", &[ok("a")], None),
         &ghost_ledger(at_limit + 1),
     );
-    match api
+    let over_limit = api
         .create(
             &PostParams::default(),
             &serde_json::from_value(too_big).unwrap(),
         )
-        .await
-    {
-        Err(kube::Error::Api(status)) => {
-            assert_eq!(status.code, 422, "{status:?}");
-            assert!(status.message.contains("Too long"), "{}", status.message);
-        }
-        other => panic!(
-            "a ledger of {} bytes should be refused: {other:?}",
-            at_limit + 1
-        ),
-    }
+        .await;
+    let over_limit_refused = matches!(
+        &over_limit,
+        Err(kube::Error::Api(status)) if status.code == 422 && status.message.contains("Too long")
+    );
 
     let cases = [
         ("limit-ghosts", ghost_ledger(at_limit)),
@@ -563,18 +731,11 @@ async fn largest_accepted_ledger_annotations_are_survived_and_rewritten() {
 
     // At the limit: Tekton cannot create the pod; both steps are skipped.
     let limit = wait_finished(&client, &ns.name, "limit-ghosts").await;
-    assert_eq!(
-        limit["status"]["conditions"][0]["reason"], "PodCreationFailed",
-        "Tekton cannot copy a full-size annotation onto the pod"
-    );
-    let events = received.wait_for_count(&uids[0], 2).await;
-    assert_eq!(
-        summary(&events),
-        expect(&[("a", "skipped"), ("b", "skipped")])
-    );
-    assert_deterministic_ids(&events, &uids[0]);
+    let limit_reason = limit["status"]["conditions"][0]["reason"].clone();
+    let want_limit = expect(&[("a", "skipped"), ("b", "skipped")]);
+    let limit_events = arrived(&received, &uids[0], want_limit.len(), EVENT_DEADLINE).await;
     let want = ledger(&[("a", &["skipped"], &[]), ("b", &["skipped"], &[])]);
-    wait_for_exact_ledger(
+    let limit_ledger = exact_ledger(
         &client,
         &ns.name,
         "limit-ghosts",
@@ -589,41 +750,52 @@ async fn largest_accepted_ledger_annotations_are_survived_and_rewritten() {
         ("a", &["started", "succeeded"], &[]),
         ("b", &["started", "succeeded"], &[]),
     ]);
+    let want_runnable = expect(&[
+        ("a", "started"),
+        ("a", "succeeded"),
+        ("b", "started"),
+        ("b", "succeeded"),
+    ]);
+    let mut runnable_seen = Vec::new();
     for ((name, _), uid) in cases.iter().zip(&uids).skip(1) {
-        let events = received.wait_for_count(uid, 4).await;
-        assert_eq!(
-            summary(&events),
-            expect(&[
-                ("a", "started"),
-                ("a", "succeeded"),
-                ("b", "started"),
-                ("b", "succeeded"),
-            ]),
-            "{name}"
-        );
-        assert_deterministic_ids(&events, uid);
-        wait_for_exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
+        let events = arrived(&received, uid, want_runnable.len(), EVENT_DEADLINE).await;
+        let ledger = exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
+        runnable_seen.push((events, ledger));
     }
     let settled_in = started.elapsed();
+    let mut tally = Tally::default();
+    tally.add("control", &expect(&CONTROL_EVENTS), &first_control);
+    let mut sent_once = Vec::new();
     for (uid, (name, _)) in uids.iter().zip(&cases) {
-        let repeats = received.for_taskrun(uid).len();
-        let expected = if *name == "limit-ghosts" { 2 } else { 4 };
-        assert_eq!(repeats, expected, "{name}: nothing sent twice");
+        let sent = received.for_taskrun(uid);
+        let want_events = if *name == "limit-ghosts" {
+            &want_limit
+        } else {
+            &want_runnable
+        };
+        tally.add(name, want_events, &sent);
+        sent_once.push((sent.len(), want_events.len()));
     }
     // Only the invalid one is malformed; the ghost ledgers are valid JSON.
-    let notes = wait_for_warnings(&client, &ns.name, &uids[2], "LedgerMalformed", 1).await;
-    assert!(notes.iter().all(|n| n.len() <= 1024), "{notes:?}");
+    let notes = warning_notes(&client, &ns.name, &uids[2], "LedgerMalformed", 1).await;
+    let mut ghost_warnings = Vec::new();
     for uid in &uids[..2] {
-        assert!(
+        ghost_warnings.push(
             warnings(&client, &ns.name, uid, "LedgerMalformed")
                 .await
-                .is_empty()
+                .len(),
         );
     }
-    assert!(metric_now(&observer, "tekton_step_observer_ledger_malformed_total").await >= 1.0);
-    control_delivers(&client, &ns.name, "control-after", &received).await;
-    assert_alive(&mut observer).await;
+    let malformed = metric_now(&observer, "tekton_step_observer_ledger_malformed_total").await;
+    let control = run_control(&client, &ns.name, "control-after", &received).await;
+    tally.add("control-after", &expect(&CONTROL_EVENTS), &control);
+    let live = liveness(&mut observer).await;
     let peak_kib = peak_rss_kib(observer.pid());
+
+    let rewritten = std::iter::once(&limit_ledger)
+        .chain(runnable_seen.iter().map(|(_, ledger)| ledger))
+        .filter(|ledger| ledger.is_ok())
+        .count();
     record_figures(
         "faults_input_huge_ledger",
         json!({
@@ -633,8 +805,90 @@ async fn largest_accepted_ledger_annotations_are_survived_and_rewritten() {
             "ghost_entries_at_limit": ghost_ledger(at_limit).matches("\"name\"").count(),
             "settled_seconds": settled_in.as_secs_f64(),
             "observer_peak_rss_kib": peak_kib,
+            "injected": format!(
+                "ledger annotations of the largest size the API server accepts ({at_limit} \
+                 bytes, too big for Tekton to create the pod) and of {runnable} bytes (the \
+                 largest whose pod still runs): valid ledgers of thousands of steps the \
+                 TaskRun does not have, and truncated JSON"
+            ),
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            // A huge annotation is there from the start; no fault ends.
+            "recovery_seconds": null,
+            "checks": {
+                "one_byte_more_refused": over_limit_refused,
+                "pod_creation_failed_at_limit": limit_reason == "PodCreationFailed",
+                "all_events_in_order": summary(&limit_events) == want_limit
+                    && runnable_seen
+                        .iter()
+                        .all(|(events, _)| summary(events) == want_runnable),
+                "deterministic_ids": ids_deterministic(&limit_events, &uids[0])
+                    && runnable_seen
+                        .iter()
+                        .zip(&uids[1..])
+                        .all(|((events, _), uid)| ids_deterministic(events, uid)),
+                "ledgers_rewritten": rewritten == cases.len(),
+                "nothing_sent_twice": sent_once.iter().all(|(sent, want)| sent == want),
+                "truncated_ledger_warned": !notes.is_empty(),
+                "warning_notes_bounded": notes.iter().all(|n| n.len() <= 1024),
+                "ghost_ledgers_not_malformed": ghost_warnings.iter().all(|n| *n == 0),
+                "malformed_counted": malformed >= 1.0,
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "annotation values up to {at_limit} bytes accepted ({runnable} still \
+                 runnable): {}/{} events delivered, {rewritten} of {} ledgers rewritten \
+                 within {:.1} s of creation; observer peak RSS {peak_kib} KiB",
+                tally.delivered,
+                tally.expected,
+                cases.len(),
+                settled_in.as_secs_f64()
+            ),
         }),
     );
+
+    match over_limit {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            assert!(status.message.contains("Too long"), "{}", status.message);
+        }
+        other => panic!(
+            "a ledger of {} bytes should be refused: {other:?}",
+            at_limit + 1
+        ),
+    }
+    assert_eq!(
+        limit_reason, "PodCreationFailed",
+        "Tekton cannot copy a full-size annotation onto the pod"
+    );
+    assert_eq!(summary(&limit_events), want_limit);
+    assert_deterministic_ids(&limit_events, &uids[0]);
+    assert_ledger(&limit_ledger);
+    for ((events, ledger), ((name, _), uid)) in
+        runnable_seen.iter().zip(cases.iter().zip(&uids).skip(1))
+    {
+        assert_eq!(summary(events), want_runnable, "{name}");
+        assert_deterministic_ids(events, uid);
+        assert_ledger(ledger);
+    }
+    for ((sent, expected), (name, _)) in sent_once.iter().zip(&cases) {
+        assert_eq!(sent, expected, "{name}: nothing sent twice");
+    }
+    assert!(
+        !notes.is_empty(),
+        "timed out after {EVENT_DEADLINE:?} waiting for 1 Warning Event(s) LedgerMalformed on {}",
+        uids[2]
+    );
+    assert!(notes.iter().all(|n| n.len() <= 1024), "{notes:?}");
+    for found in &ghost_warnings {
+        assert_eq!(*found, 0);
+    }
+    assert!(malformed >= 1.0);
+    assert_control(&control);
+    live.assert();
 }
 
 /// A valid ledger that names steps the TaskRun does not have and types the
@@ -652,7 +906,7 @@ async fn unknown_step_names_in_the_ledger_count_for_nothing() {
         None,
     )
     .await;
-    let annotation = json!({"statuses": [
+    let statuses = json!([
         {"name": "ghost", "emitted": [event_type("started"), event_type("succeeded")]},
         {"name": "Build", "emitted": [event_type("started")]},
         {"name": "build ", "emitted": [event_type("started")]},
@@ -660,38 +914,75 @@ async fn unknown_step_names_in_the_ledger_count_for_nothing() {
         {"name": "build", "emitted": ["com.example.exploded.v1", "started", ""],
          "rejected": [format!("{PREFIX}.started.v2")]},
         {"name": "", "emitted": [event_type("failed")]},
-    ]})
-    .to_string();
+    ]);
+    let entries = statuses.as_array().map_or(0, Vec::len);
+    let annotation = json!({ "statuses": statuses }).to_string();
     let manifest = taskrun_manifest("v1", "tr", &[ok("build"), fails("test", 2)], None);
     let uid = create_taskrun(&client, &ns.name, with_ledger(manifest, &annotation)).await;
-    let events = received.wait_for_count(&uid, 4).await;
-    assert_eq!(
-        summary(&events),
-        expect(&[
-            ("build", "started"),
-            ("build", "succeeded"),
-            ("test", "started"),
-            ("test", "failed"),
-        ])
-    );
-    assert_deterministic_ids(&events, &uid);
+    let want_events = expect(&[
+        ("build", "started"),
+        ("build", "succeeded"),
+        ("test", "started"),
+        ("test", "failed"),
+    ]);
+    let events = arrived(&received, &uid, want_events.len(), EVENT_DEADLINE).await;
     let want = ledger(&[
         ("build", &["started", "succeeded"], &[]),
         ("test", &["started", "failed"], &[]),
     ]);
-    wait_for_exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
-    assert!(
-        warnings(&client, &ns.name, &uid, "LedgerMalformed")
-            .await
-            .is_empty()
+    let rewritten = exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
+    let warned = warnings(&client, &ns.name, &uid, "LedgerMalformed")
+        .await
+        .len();
+    let malformed = metric_now(&observer, "tekton_step_observer_ledger_malformed_total").await;
+    let sent = received.for_taskrun(&uid);
+    let control = run_control(&client, &ns.name, "control", &received).await;
+    let live = liveness(&mut observer).await;
+    let mut tally = Tally::default();
+    tally.add("tr", &want_events, &sent);
+    tally.add("control", &expect(&CONTROL_EVENTS), &control);
+    record_figures(
+        "faults_input_unknown_ledger_entries",
+        json!({
+            "injected": format!(
+                "a valid ledger annotation of {entries} entries naming steps the TaskRun \
+                 does not have (other case, a trailing space, empty) and event types the \
+                 observer does not know"
+            ),
+            "ledger_entries": entries,
+            "ledger_malformed_total": malformed,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            // The annotation is there from the start; no fault ends.
+            "recovery_seconds": null,
+            "checks": {
+                "all_events_in_order": summary(&events) == want_events,
+                "deterministic_ids": ids_deterministic(&events, &uid),
+                "ledger_rewritten_to_the_real_steps": rewritten.is_ok(),
+                "no_malformed_warning": warned == 0,
+                "malformed_not_counted": malformed == 0.0,
+                "nothing_sent_twice": sent.len() == want_events.len(),
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "{entries} ledger entries of unknown steps or types counted for nothing: \
+                 {}/{} events delivered, {} repeated, ledger_malformed_total {malformed}",
+                tally.delivered, tally.expected, tally.repeats
+            ),
+        }),
     );
-    assert_eq!(
-        metric_now(&observer, "tekton_step_observer_ledger_malformed_total").await,
-        0.0
-    );
-    assert_eq!(received.for_taskrun(&uid).len(), 4, "nothing sent twice");
-    control_delivers(&client, &ns.name, "control", &received).await;
-    assert_alive(&mut observer).await;
+
+    assert_eq!(summary(&events), want_events);
+    assert_deterministic_ids(&events, &uid);
+    assert_ledger(&rewritten);
+    assert_eq!(warned, 0);
+    assert_eq!(malformed, 0.0);
+    assert_eq!(sent.len(), 4, "nothing sent twice");
+    assert_control(&control);
+    live.assert();
 }
 
 // ---- sinks that cannot be used ----------------------------------------------------
@@ -707,16 +998,74 @@ const TWO_STEPS_EVENTS: [(&str, &str); 4] = [
     ("b", "failed"),
 ];
 
+/// What a good sink got of the events a first observer held: see
+/// [`held_events_arrive_at_a_good_sink`].
+struct Held {
+    uid: String,
+    /// The annotations of `tr` once the first observer was gone.
+    annotations: Value,
+    events: Vec<Event>,
+    ledger: Result<Value, String>,
+    live: Liveness,
+}
+
+/// The log the failing step `b` of [`two_steps`] writes.
+const B_LOG: &str = "b failed with 1\n";
+
+impl Held {
+    fn nothing_recorded(&self) -> bool {
+        self.annotations[LEDGER_KEY].is_null()
+    }
+
+    /// The fourth event (b's failure) carries b's log.
+    fn log_delivered(&self) -> bool {
+        self.events.get(3).is_some_and(|e| data(e)["log"] == B_LOG)
+    }
+
+    fn tally(&self) -> Tally {
+        let mut tally = Tally::default();
+        tally.add("tr", &expect(&TWO_STEPS_EVENTS), &self.events);
+        tally
+    }
+
+    /// The checks of [`Held::assert`], as figures.
+    fn checks(&self) -> Value {
+        json!({
+            "nothing_recorded_while_unusable": self.nothing_recorded(),
+            "held_events_delivered_in_order": summary(&self.events) == expect(&TWO_STEPS_EVENTS),
+            "deterministic_ids": ids_deterministic(&self.events, &self.uid),
+            "log_delivered": self.log_delivered(),
+            "ledger_complete": self.ledger.is_ok(),
+            "good_sink_observer_alive": self.live.ok(),
+        })
+    }
+
+    fn assert(&self) {
+        assert!(
+            self.nothing_recorded(),
+            "nothing may be recorded while the sink is unusable: {}",
+            self.annotations
+        );
+        assert_eq!(summary(&self.events), expect(&TWO_STEPS_EVENTS));
+        assert_deterministic_ids(&self.events, &self.uid);
+        assert_eq!(data(&self.events[3])["log"], B_LOG);
+        assert_ledger(&self.ledger);
+        self.live.assert();
+    }
+}
+
 /// After a first observer held the events of `tr` (and is gone): nothing
 /// was recorded, and an observer with a good sink delivers every one, in
-/// order, with its log.
-async fn held_events_arrive_at_a_good_sink(test: &str, client: &Client, ns: &str, uid: &str) {
+/// order, with its log. Measures only; the caller records, then calls
+/// [`Held::assert`].
+async fn held_events_arrive_at_a_good_sink(
+    test: &str,
+    client: &Client,
+    ns: &str,
+    uid: &str,
+) -> Held {
     let taskrun = get_taskrun(client, ns, "tr").await;
-    assert!(
-        taskrun["metadata"]["annotations"][LEDGER_KEY].is_null(),
-        "nothing may be recorded while the sink is unusable: {}",
-        taskrun["metadata"]["annotations"]
-    );
+    let annotations = taskrun["metadata"]["annotations"].clone();
     let (addr, received) = start_receiver().await;
     let sink = format!("http://{addr}/");
     let mut observer = Observer::start(
@@ -725,16 +1074,28 @@ async fn held_events_arrive_at_a_good_sink(test: &str, client: &Client, ns: &str
         None,
     )
     .await;
-    let events = received.wait_for_count(uid, 4).await;
-    assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
-    assert_deterministic_ids(&events, uid);
-    assert_eq!(data(&events[3])["log"], "b failed with 1\n");
+    let events = arrived(&received, uid, TWO_STEPS_EVENTS.len(), EVENT_DEADLINE).await;
     let want = ledger(&[
         ("a", &["started", "succeeded"], &[]),
         ("b", &["started", "failed"], &[]),
     ]);
-    wait_for_exact_ledger(client, ns, "tr", &want, EVENT_DEADLINE, &observer).await;
-    assert_alive(&mut observer).await;
+    let ledger = exact_ledger(client, ns, "tr", &want, EVENT_DEADLINE, &observer).await;
+    let live = liveness(&mut observer).await;
+    Held {
+        uid: uid.to_owned(),
+        annotations,
+        events,
+        ledger,
+        live,
+    }
+}
+
+/// `checks` with the checks of `more` added (both JSON objects).
+fn merge_checks(mut checks: Value, more: Value) -> Value {
+    if let (Some(checks), Value::Object(more)) = (checks.as_object_mut(), more) {
+        checks.extend(more);
+    }
+    checks
 }
 
 /// `--sink not-a-url`: a log line, /readyz 503 naming it,
@@ -750,18 +1111,11 @@ async fn invalid_sink_url_is_reported_and_events_are_held() {
         None,
     )
     .await;
-    let line = wait_for_log_line(&observer, "CloudEvents sink is not valid").await;
-    assert!(line.contains("not-a-url"), "{line}");
+    let line = find_log_line(&observer, "CloudEvents sink is not valid").await;
     let (status, body) = observer.readyz().await;
-    assert_eq!(status, 503, "{body}");
-    assert!(
-        body.contains("sink") && body.contains("invalid") && body.contains("not-a-url"),
-        "/readyz names the problem: {body}"
-    );
-    assert_eq!(
-        metric_now(&observer, "tekton_step_observer_sink_configured").await,
-        0.0
-    );
+    let names_problem =
+        body.contains("sink") && body.contains("invalid") && body.contains("not-a-url");
+    let configured = metric_now(&observer, "tekton_step_observer_sink_configured").await;
     let uid = create_taskrun(
         &client,
         &ns.name,
@@ -770,22 +1124,115 @@ async fn invalid_sink_url_is_reported_and_events_are_held() {
     .await;
     wait_finished(&client, &ns.name, "tr").await;
     // Owed, not sent: the worker waits at its gate.
-    wait_for("the observer to owe the events", EVENT_DEADLINE, || async {
+    let owed = try_wait_for(EVENT_DEADLINE, || async {
         let depth = metric_now(&observer, "tekton_step_observer_queue_depth").await;
-        (depth >= 1.0).then_some(())
+        (depth >= 1.0).then_some(depth)
     })
     .await;
-    let (status, _) = observer.readyz().await;
-    assert_eq!(status, 503);
-    assert_alive(&mut observer).await;
+    let (status_later, _) = observer.readyz().await;
+    let live = liveness(&mut observer).await;
     drop(observer);
-    held_events_arrive_at_a_good_sink("faults-input-invalid-sink", &client, &ns.name, &uid).await;
+    let held =
+        held_events_arrive_at_a_good_sink("faults-input-invalid-sink", &client, &ns.name, &uid)
+            .await;
+    let tally = held.tally();
+    let checks = json!({
+        "logged_naming_the_url": line.as_ref().is_ok_and(|l| l.contains("not-a-url")),
+        "readyz_503": status == 503 && status_later == 503,
+        "readyz_names_the_problem": names_problem,
+        "sink_configured_0": configured == 0.0,
+        "events_owed": owed.is_some(),
+        "observer_alive": live.ok(),
+    });
+    record_figures(
+        "faults_input_invalid_sink_url",
+        json!({
+            "injected": "--sink not-a-url while a TaskRun of 2 steps finishes; then an \
+                         observer with a good sink",
+            "log_line": line.as_ref().ok(),
+            "readyz_status": status,
+            "readyz_body": body,
+            "queue_depth_while_held": owed,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": merge_checks(checks, held.checks()),
+            "headline": format!(
+                "/readyz {status} naming the bad sink, sink_configured {configured}, {} \
+                 event(s) owed; an observer with a good sink then delivered {}/{}",
+                owed.unwrap_or(0.0),
+                tally.delivered,
+                tally.expected
+            ),
+        }),
+    );
+
+    let line = line.unwrap_or_else(|why| panic!("{why}"));
+    assert!(line.contains("not-a-url"), "{line}");
+    assert_eq!(status, 503, "{body}");
+    assert!(names_problem, "/readyz names the problem: {body}");
+    assert_eq!(configured, 0.0);
+    assert!(
+        owed.is_some(),
+        "timed out after {EVENT_DEADLINE:?} waiting for the observer to owe the events"
+    );
+    assert_eq!(status_later, 503);
+    live.assert();
+    held.assert();
+}
+
+/// What [`unusable_sink_holds_events`] saw, for the case to record before
+/// it calls [`Unusable::assert`].
+struct Unusable {
+    detail: &'static str,
+    /// The connection retries once they reached two (None: they never did).
+    retries: Option<f64>,
+    line: Result<String, String>,
+    /// `events_total` of `started` events by outcome, while the sink was
+    /// unusable.
+    outcomes: Vec<(String, f64)>,
+    live: Liveness,
+    held: Held,
+}
+
+impl Unusable {
+    fn checks(&self) -> Value {
+        merge_checks(
+            json!({
+                "retried_twice": self.retries.is_some(),
+                "log_line_says_why": self.line.as_ref().is_ok_and(|l| l.contains(self.detail)),
+                "nothing_delivered_or_rejected": self.outcomes.iter().all(|(_, v)| *v == 0.0),
+                "observer_alive": self.live.ok(),
+            }),
+            self.held.checks(),
+        )
+    }
+
+    fn assert(&self) {
+        assert!(
+            self.retries.is_some(),
+            "timed out after {EVENT_DEADLINE:?} waiting for two retries of the connection"
+        );
+        let line = self.line.as_ref().unwrap_or_else(|why| panic!("{why}"));
+        assert!(
+            line.contains(self.detail),
+            "the log line says why ({}): {line}",
+            self.detail
+        );
+        for (series, value) in &self.outcomes {
+            assert_eq!(*value, 0.0, "{series}");
+        }
+        self.live.assert();
+        self.held.assert();
+    }
 }
 
 /// Runs `tr` against an observer whose sink never answers over HTTP, waits
-/// until it retried twice for `reason` and logged `detail`, checks it is
-/// alive and held everything, then lets a good sink have the events.
-async fn unusable_sink_holds_events(test: &str, sink: &str, detail: &str) -> String {
+/// until it retried twice and logged why, takes whether it is alive and held
+/// everything, then lets a good sink have the events. Measures only: the
+/// case records its figures, then calls [`Unusable::assert`].
+async fn unusable_sink_holds_events(test: &str, sink: &str, detail: &'static str) -> Unusable {
     let client = client().await;
     let ns = TestNamespace::create(&client, test).await;
     let mut observer =
@@ -803,32 +1250,63 @@ async fn unusable_sink_holds_events(test: &str, sink: &str, detail: &str) -> Str
     .await;
     wait_finished(&client, &ns.name, "tr").await;
     let retries = r#"tekton_step_observer_delivery_retries_total{reason="connect"}"#;
-    wait_for("two retries of the connection", EVENT_DEADLINE, || async {
-        (metric_now(&observer, retries).await >= 2.0).then_some(())
+    let retries = try_wait_for(EVENT_DEADLINE, || async {
+        let value = metric_now(&observer, retries).await;
+        (value >= 2.0).then_some(value)
     })
     .await;
-    let line = wait_for_log_line(&observer, "sink did not take the event; will retry").await;
-    assert!(
-        line.contains(detail),
-        "the log line says why ({detail}): {line}"
-    );
+    let line = find_log_line(&observer, "sink did not take the event; will retry").await;
+    let mut outcomes = Vec::new();
     for outcome in ["delivered", "rejected"] {
         let series =
             format!(r#"tekton_step_observer_events_total{{type="started",outcome="{outcome}"}}"#);
-        assert_eq!(metric_now(&observer, &series).await, 0.0, "{series}");
+        let value = metric_now(&observer, &series).await;
+        outcomes.push((series, value));
     }
-    assert_alive(&mut observer).await;
+    let live = liveness(&mut observer).await;
     drop(observer);
-    held_events_arrive_at_a_good_sink(test, &client, &ns.name, &uid).await;
-    line
+    let held = held_events_arrive_at_a_good_sink(test, &client, &ns.name, &uid).await;
+    Unusable {
+        detail,
+        retries,
+        line,
+        outcomes,
+        live,
+        held,
+    }
 }
 
 /// `http://sink.invalid/`: name resolution fails inside the namespace; the
 /// event is retried (a connection error), held, never dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn unresolvable_sink_is_retried_and_events_are_held() {
-    let line = unusable_sink_holds_events("fi-dns", "http://sink.invalid/", "dns error").await;
-    record_figures("faults_input_unresolvable_sink", json!({"log_line": line}));
+    const SINK: &str = "http://sink.invalid/";
+    let unusable = unusable_sink_holds_events("fi-dns", SINK, "dns error").await;
+    let tally = unusable.held.tally();
+    record_figures(
+        "faults_input_unresolvable_sink",
+        json!({
+            "log_line": unusable.line.as_ref().ok(),
+            "injected": format!(
+                "--sink {SINK}, a name that does not resolve, while a TaskRun of 2 steps \
+                 finishes; then an observer with a good sink"
+            ),
+            "connect_retries": unusable.retries,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": unusable.checks(),
+            "headline": format!(
+                "unresolvable sink: {} connection retries, nothing delivered, rejected or \
+                 recorded; an observer with a good sink then delivered {}/{}",
+                unusable.retries.unwrap_or(0.0),
+                tally.delivered,
+                tally.expected
+            ),
+        }),
+    );
+    unusable.assert();
 }
 
 /// An https sink with a self-signed certificate (openssl s_server on
@@ -885,23 +1363,59 @@ async fn sink_with_a_bad_certificate_is_refused_and_events_are_held() {
         },
     )
     .await;
-    let line = unusable_sink_holds_events(
+    let unusable = unusable_sink_holds_events(
         "fi-tls",
         &format!("https://127.0.0.1:{port}/"),
         "certificate",
     )
     .await;
     // The server saw the client abort the handshake with a TLS alert.
-    let server_said = wait_for("s_server to report the alert", EVENT_DEADLINE, || async {
-        let said = std::fs::read_to_string(&server_log).unwrap_or_default()
-            + &std::fs::read_to_string(dir.join("s_server.err")).unwrap_or_default();
+    let server_output = || {
+        std::fs::read_to_string(&server_log).unwrap_or_default()
+            + &std::fs::read_to_string(dir.join("s_server.err")).unwrap_or_default()
+    };
+    let alerted = try_wait_for(EVENT_DEADLINE, || async {
+        let said = server_output();
         said.contains("alert").then_some(said)
     })
     .await;
+    let server_said = alerted.clone().unwrap_or_else(server_output);
     drop(server);
+    let tally = unusable.held.tally();
+    let mut checks = unusable.checks();
+    checks["server_saw_a_tls_alert"] = json!(alerted.is_some());
     record_figures(
         "faults_input_bad_certificate",
-        json!({"log_line": line, "server_output": tail(&server_said, 2000)}),
+        json!({
+            "log_line": unusable.line.as_ref().ok(),
+            "server_output": tail(&server_said, 2000),
+            "injected": "an https sink (openssl s_server on loopback) with a self-signed \
+                         certificate while a TaskRun of 2 steps finishes; then an observer \
+                         with a good sink",
+            "connect_retries": unusable.retries,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": checks,
+            "headline": format!(
+                "self-signed certificate refused: {} connection retries, {}; an observer \
+                 with a good sink then delivered {}/{}",
+                unusable.retries.unwrap_or(0.0),
+                if alerted.is_some() {
+                    "the server saw the TLS alert"
+                } else {
+                    "no TLS alert seen by the server"
+                },
+                tally.delivered,
+                tally.expected
+            ),
+        }),
+    );
+    unusable.assert();
+    assert!(
+        alerted.is_some(),
+        "timed out after {EVENT_DEADLINE:?} waiting for s_server to report the alert"
     );
 }
 
@@ -947,36 +1461,46 @@ async fn sink_answers_400_413_and_500() {
         ("a", &[], &["started", "succeeded"]),
         ("b", &[], &["started", "failed"]),
     ]);
-    for (name, status, uid) in &rejected {
-        wait_for_exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
-        // kube's Recorder folds Events of one reason about one object into
-        // a series (keyed without the note), so count occurrences.
-        let found = wait_for(
-            &format!("4 EventRejected occurrences on {name}"),
-            EVENT_DEADLINE,
-            || async {
-                let found = warnings(&client, &ns.name, uid, "EventRejected").await;
-                let occurrences: i32 = found
-                    .iter()
-                    .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-                    .sum();
-                (occurrences >= 4).then_some(found)
-            },
-        )
-        .await;
-        let occurrences: i32 = found
+    // The events each refused TaskRun calls for, each refused once: as many
+    // EventRejected occurrences.
+    const REFUSED_EACH: usize = 4;
+    /// What one refused TaskRun left; asserted after the figures are recorded.
+    struct Refused {
+        ledger: Result<Value, String>,
+        occurrences: i32,
+        notes: Vec<String>,
+    }
+    // kube's Recorder folds Events of one reason about one object into a
+    // series (keyed without the note), so count occurrences.
+    let occurrences_of = |found: &[k8s_openapi::api::events::v1::Event]| -> i32 {
+        found
             .iter()
             .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-            .sum();
-        assert_eq!(occurrences, 4, "{name}: one per refused event");
-        for event in &found {
-            let note = event.note.as_deref().unwrap_or_default();
-            assert!(
-                note.contains("The sink refused the")
-                    && note.contains(&format!("with HTTP {status}")),
-                "{name}: the Event says who refused what: {note:?}"
-            );
-        }
+            .sum()
+    };
+    let says_who_refused = |note: &str, status: u16| {
+        note.contains("The sink refused the") && note.contains(&format!("with HTTP {status}"))
+    };
+    let mut refused = Vec::new();
+    for (name, _, uid) in &rejected {
+        let ledger = exact_ledger(&client, &ns.name, name, &want, EVENT_DEADLINE, &observer).await;
+        let enough = try_wait_for(EVENT_DEADLINE, || async {
+            let found = warnings(&client, &ns.name, uid, "EventRejected").await;
+            (occurrences_of(&found) >= REFUSED_EACH as i32).then_some(found)
+        })
+        .await;
+        let found = match enough {
+            Some(found) => found,
+            None => warnings(&client, &ns.name, uid, "EventRejected").await,
+        };
+        refused.push(Refused {
+            ledger,
+            occurrences: occurrences_of(&found),
+            notes: found
+                .iter()
+                .map(|e| e.note.clone().unwrap_or_default())
+                .collect(),
+        });
     }
 
     // A sink failing with 500 three times, meanwhile: retried, then delivered.
@@ -986,13 +1510,12 @@ async fn sink_answers_400_413_and_500() {
         taskrun_manifest("v1", "flaky500", &two_steps(), None),
     )
     .await;
-    let events = sink.wait_accepted(&flaky, 4).await;
-    assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
+    let events = sink.wait_accepted(&flaky, TWO_STEPS_EVENTS.len()).await;
     let want_flaky = ledger(&[
         ("a", &["started", "succeeded"], &[]),
         ("b", &["started", "failed"], &[]),
     ]);
-    wait_for_exact_ledger(
+    let flaky_ledger = exact_ledger(
         &client,
         &ns.name,
         "flaky500",
@@ -1002,40 +1525,131 @@ async fn sink_answers_400_413_and_500() {
     )
     .await;
     let answers = sink.answers_by_id(&flaky);
-    assert_eq!(answers[0].1, [500, 500, 500, 202], "{answers:?}");
-    assert!(answers[1..].iter().all(|(_, s)| s == &[202]), "{answers:?}");
+    let first_answers = answers.first().map(|(_, statuses)| statuses.as_slice());
     let control = create_taskrun(
         &client,
         &ns.name,
         taskrun_manifest("v1", "control", &[ok("only")], None),
     )
     .await;
-    sink.wait_accepted(&control, 2).await;
+    let control_events = sink.wait_accepted(&control, CONTROL_EVENTS.len()).await;
 
     // Seconds of backoff later (flaky500 waited through three): the refused
     // events were each sent exactly once.
-    for (name, _, uid) in &rejected {
-        let answers = sink.answers_by_id(uid);
+    let refused_answers: Vec<Vec<(String, Vec<u16>)>> = rejected
+        .iter()
+        .map(|(_, _, uid)| sink.answers_by_id(uid))
+        .collect();
+    let metrics = observer.metrics_text().await;
+    let value = |series: &str| metric(&metrics, series).unwrap_or(-1.0);
+    let rejected_counts: Vec<(String, f64, f64)> =
+        [("started", 4.0), ("succeeded", 2.0), ("failed", 2.0)]
+            .into_iter()
+            .map(|(kind, count)| {
+                let series = format!(
+                    r#"tekton_step_observer_events_total{{type="{kind}",outcome="rejected"}}"#
+                );
+                let found = value(&series);
+                (series, found, count)
+            })
+            .collect();
+    let server_error_retries =
+        value(r#"tekton_step_observer_delivery_retries_total{reason="server_error"}"#);
+    let logged = find_log_line(&observer, "sink rejected the event for good").await;
+    let live = liveness(&mut observer).await;
+
+    let mut tally = Tally::default();
+    tally.add("flaky500", &expect(&TWO_STEPS_EVENTS), &events);
+    tally.add("control", &expect(&CONTROL_EVENTS), &control_events);
+    let refused_sent: usize = refused_answers
+        .iter()
+        .flatten()
+        .map(|(_, statuses)| statuses.len())
+        .sum();
+    let refused_once = refused_answers.iter().all(|answers| {
+        answers.len() == REFUSED_EACH && answers.iter().all(|(_, statuses)| statuses.len() == 1)
+    });
+    let warning_occurrences: i32 = refused.iter().map(|r| r.occurrences).sum();
+    record_figures(
+        "faults_input_sink_status_codes",
+        json!({
+            "injected": "a sink answering 400 to every event of one TaskRun, 413 to every \
+                         event of another, and 500 to its first three requests about a third",
+            "refused_attempts": refused_sent,
+            "event_rejected_occurrences": warning_occurrences,
+            "server_error_retries": server_error_retries,
+            "flaky_answers_of_first_event": first_answers,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": {
+                "refusals_recorded_in_ledger": refused.iter().all(|r| r.ledger.is_ok()),
+                "one_warning_per_refused_event": refused
+                    .iter()
+                    .all(|r| r.occurrences == REFUSED_EACH as i32),
+                "warning_says_who_refused_what": refused.iter().zip(&rejected).all(
+                    |(r, (_, status, _))| r.notes.iter().all(|n| says_who_refused(n, *status))
+                ),
+                "retried_events_in_order": summary(&events) == expect(&TWO_STEPS_EVENTS),
+                "retried_ledger_complete": flaky_ledger.is_ok(),
+                "first_event_retried_through_three_500s":
+                    first_answers == Some(&[500, 500, 500, 202][..]),
+                "other_events_sent_once": answers.iter().skip(1).all(|(_, s)| s == &[202]),
+                "control_delivered": control_events.len() >= CONTROL_EVENTS.len(),
+                "refused_events_sent_once": refused_once,
+                "rejections_counted": rejected_counts.iter().all(|(_, found, want)| found == want),
+                "server_errors_retried_3_times": server_error_retries == 3.0,
+                "logged": logged.is_ok(),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "400 and 413: {refused_sent} attempts for {} refused events, \
+                 {warning_occurrences} EventRejected occurrences; 500 three times: \
+                 {server_error_retries} retries, then {}/{} events delivered",
+                REFUSED_EACH * rejected.len(),
+                tally.delivered,
+                tally.expected
+            ),
+        }),
+    );
+
+    for (r, (name, status, _)) in refused.iter().zip(&rejected) {
+        assert_ledger(&r.ledger);
+        assert_eq!(r.occurrences, 4, "{name}: one per refused event");
+        for note in &r.notes {
+            assert!(
+                says_who_refused(note, *status),
+                "{name}: the Event says who refused what: {note:?}"
+            );
+        }
+    }
+    assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
+    assert_ledger(&flaky_ledger);
+    assert_eq!(
+        first_answers,
+        Some(&[500, 500, 500, 202][..]),
+        "{answers:?}"
+    );
+    assert!(answers[1..].iter().all(|(_, s)| s == &[202]), "{answers:?}");
+    assert!(
+        control_events.len() >= CONTROL_EVENTS.len(),
+        "timed out after {EVENT_DEADLINE:?} waiting for {} accepted events for {control}",
+        CONTROL_EVENTS.len()
+    );
+    for (answers, (name, _, _)) in refused_answers.iter().zip(&rejected) {
         assert_eq!(answers.len(), 4, "{name}: {answers:?}");
         assert!(
             answers.iter().all(|(_, statuses)| statuses.len() == 1),
             "{name}: a refused event is never sent again: {answers:?}"
         );
     }
-    let metrics = observer.metrics_text().await;
-    let value = |series: &str| metric(&metrics, series).unwrap_or(-1.0);
-    for (kind, count) in [("started", 4.0), ("succeeded", 2.0), ("failed", 2.0)] {
-        let series =
-            format!(r#"tekton_step_observer_events_total{{type="{kind}",outcome="rejected"}}"#);
-        assert_eq!(value(&series), count, "{series}\n{metrics}");
+    for (series, found, count) in &rejected_counts {
+        assert_eq!(found, count, "{series}\n{metrics}");
     }
-    assert_eq!(
-        value(r#"tekton_step_observer_delivery_retries_total{reason="server_error"}"#),
-        3.0,
-        "{metrics}"
-    );
-    wait_for_log_line(&observer, "sink rejected the event for good").await;
-    assert_alive(&mut observer).await;
+    assert_eq!(server_error_retries, 3.0, "{metrics}");
+    logged.unwrap_or_else(|why| panic!("{why}"));
+    live.assert();
 }
 
 /// A TCP sink that answers garbage (not HTTP) while `garbage` is set, and
@@ -1121,11 +1735,14 @@ async fn sink_answering_garbage_is_retried_until_it_recovers() {
         taskrun_manifest("v1", "tr", &two_steps(), None),
     )
     .await;
-    wait_for("three garbage answers", EVENT_DEADLINE, || async {
-        (garbage.answered.load(Ordering::SeqCst) >= 3).then_some(())
+    // The first attempt and two retries: as many as `retried` below asks for.
+    const GARBAGE_ANSWERS: usize = 3;
+    let answered_garbage = try_wait_for(EVENT_DEADLINE, || async {
+        (garbage.answered.load(Ordering::SeqCst) >= GARBAGE_ANSWERS).then_some(())
     })
-    .await;
-    let line = wait_for_log_line(&observer, "sink did not take the event; will retry").await;
+    .await
+    .is_some();
+    let line = find_log_line(&observer, "sink did not take the event; will retry").await;
     let metrics = observer.metrics_text().await;
     let retries: Vec<(String, f64)> = metrics
         .lines()
@@ -1137,41 +1754,84 @@ async fn sink_answering_garbage_is_retried_until_it_recovers() {
         .filter(|(_, v)| *v > 0.0)
         .collect();
     let total: f64 = retries.iter().map(|(_, v)| v).sum();
-    assert!(total >= 2.0, "retried: {retries:?}");
-    for kind in ["started", "succeeded", "failed"] {
-        let series =
-            format!(r#"tekton_step_observer_events_total{{type="{kind}",outcome="rejected"}}"#);
-        assert_eq!(
-            metric(&metrics, &series),
-            Some(0.0),
-            "garbage is not a refusal"
-        );
-    }
-    assert!(
-        get_taskrun(&client, &ns.name, "tr").await["metadata"]["annotations"][LEDGER_KEY].is_null()
-    );
-    assert_alive(&mut observer).await;
+    let rejected: Vec<(String, Option<f64>)> = ["started", "succeeded", "failed"]
+        .into_iter()
+        .map(|kind| {
+            let series =
+                format!(r#"tekton_step_observer_events_total{{type="{kind}",outcome="rejected"}}"#);
+            let found = metric(&metrics, &series);
+            (series, found)
+        })
+        .collect();
+    let recorded_during =
+        get_taskrun(&client, &ns.name, "tr").await["metadata"]["annotations"][LEDGER_KEY].clone();
+    let live_during = liveness(&mut observer).await;
 
     garbage.garbage.store(false, Ordering::SeqCst);
-    let events = received.wait_for_count(&uid, 4).await;
-    assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
-    assert_deterministic_ids(&events, &uid);
+    let events = arrived(&received, &uid, TWO_STEPS_EVENTS.len(), EVENT_DEADLINE).await;
     let want = ledger(&[
         ("a", &["started", "succeeded"], &[]),
         ("b", &["started", "failed"], &[]),
     ]);
-    wait_for_exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
-    assert_eq!(received.for_taskrun(&uid).len(), 4);
-    control_delivers(&client, &ns.name, "control", &received).await;
-    assert_alive(&mut observer).await;
+    let ledger = exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
+    let sent = received.for_taskrun(&uid);
+    let control = run_control(&client, &ns.name, "control", &received).await;
+    let live = liveness(&mut observer).await;
+    let mut tally = Tally::default();
+    tally.add("tr", &expect(&TWO_STEPS_EVENTS), &sent);
+    tally.add("control", &expect(&CONTROL_EVENTS), &control);
+    let garbage_answers = garbage.answered.load(Ordering::SeqCst);
     record_figures(
         "faults_input_garbage_sink",
         json!({
-            "garbage_answers": garbage.answered.load(Ordering::SeqCst),
+            "garbage_answers": garbage_answers,
             "retries": retries.iter().map(|(s, v)| json!({"series": s, "value": v})).collect::<Vec<_>>(),
-            "log_line": line,
+            "log_line": line.as_ref().ok(),
+            "injected": "a sink answering garbage (not HTTP) on the socket while a TaskRun \
+                         of 2 steps runs, until the test lets it speak HTTP again",
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": {
+                "garbage_answered": answered_garbage,
+                "logged": line.is_ok(),
+                "retried": total >= 2.0,
+                "garbage_is_not_a_refusal": rejected.iter().all(|(_, v)| *v == Some(0.0)),
+                "nothing_recorded_during_garbage": recorded_during.is_null(),
+                "observer_alive_during_garbage": live_during.ok(),
+                "all_events_in_order": summary(&events) == expect(&TWO_STEPS_EVENTS),
+                "deterministic_ids": ids_deterministic(&events, &uid),
+                "ledger_complete": ledger.is_ok(),
+                "nothing_sent_twice": sent.len() == TWO_STEPS_EVENTS.len(),
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "{garbage_answers} garbage answers, {total} retries, nothing rejected; once \
+                 the sink spoke HTTP again {}/{} events delivered, {} repeated",
+                tally.delivered, tally.expected, tally.repeats
+            ),
         }),
     );
+
+    assert!(
+        answered_garbage,
+        "timed out after {EVENT_DEADLINE:?} waiting for three garbage answers"
+    );
+    line.unwrap_or_else(|why| panic!("{why}"));
+    assert!(total >= 2.0, "retried: {retries:?}");
+    for (_, found) in &rejected {
+        assert_eq!(*found, Some(0.0), "garbage is not a refusal");
+    }
+    assert!(recorded_during.is_null());
+    live_during.assert();
+    assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
+    assert_deterministic_ids(&events, &uid);
+    assert_ledger(&ledger);
+    assert_eq!(sent.len(), 4);
+    assert_control(&control);
+    live.assert();
 }
 
 // ---- big logs, many steps, vanished pods -------------------------------------------
@@ -1215,6 +1875,8 @@ async fn log_tail(
 #[tokio::test(flavor = "multi_thread")]
 async fn hundred_megabyte_log_is_tailed_in_bounded_memory() {
     const LOG_BYTES: usize = 100 << 20;
+    /// The observer's peak RSS stays below this: far below the log it tails.
+    const PEAK_LIMIT_KIB: u64 = 60 * 1024;
     let client = client().await;
     let ns = TestNamespace::create(&client, "fi-biglog").await;
     let (addr, received) = start_receiver().await;
@@ -1236,16 +1898,79 @@ async fn hundred_megabyte_log_is_tailed_in_bounded_memory() {
         .push(json!({"name": "SIMULATED_LOG_BYTES", "value": LOG_BYTES.to_string()}));
     let started = Instant::now();
     let uid = create_taskrun(&client, &ns.name, manifest).await;
-    let events = received.wait_for_count(&uid, 2).await;
+    let want_events = expect(&[("big", "started"), ("big", "succeeded")]);
+    let events = arrived(&received, &uid, want_events.len(), EVENT_DEADLINE).await;
     let delivered_in = started.elapsed();
-    assert_eq!(
-        summary(&events),
-        expect(&[("big", "started"), ("big", "succeeded")])
+    let data = events.get(1).map(data).unwrap_or_default();
+    let log = data["log"].as_str();
+    let peak_kib = peak_rss_kib(observer.pid());
+
+    // The same tail as the API serves it, read independently.
+    let taskrun = get_taskrun(&client, &ns.name, "tr").await;
+    let pod = taskrun["status"]["podName"].as_str().expect("podName");
+    let (total, api_tail) = log_tail(&client, &ns.name, pod, "step-big", LOG_LIMIT).await;
+
+    let ledger = exact_ledger(
+        &client,
+        &ns.name,
+        "tr",
+        &ledger(&[("big", &["started", "succeeded"], &[])]),
+        EVENT_DEADLINE,
+        &observer,
+    )
+    .await;
+    let control = run_control(&client, &ns.name, "control", &received).await;
+    let live = liveness(&mut observer).await;
+    let mut tally = Tally::default();
+    tally.add("tr", &want_events, &events);
+    tally.add("control", &expect(&CONTROL_EVENTS), &control);
+    let tail_bytes = log.map_or(0, str::len);
+    record_figures(
+        "faults_input_big_log",
+        json!({
+            "log_bytes": LOG_BYTES,
+            "observer_peak_rss_kib_before": baseline_kib,
+            "observer_peak_rss_kib_after": peak_kib,
+            "create_to_delivered_seconds": delivered_in.as_secs_f64(),
+            "injected": format!(
+                "a step logging {} MiB ({LOG_BYTES} bytes) before its last line",
+                LOG_BYTES >> 20
+            ),
+            "tail_bytes": tail_bytes,
+            "api_log_bytes": total,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            // The log is what the step writes; no fault ends.
+            "recovery_seconds": null,
+            "checks": {
+                "events_in_order": summary(&events) == want_events,
+                "tail_ends_with_the_last_line": log.is_some_and(|l| l.ends_with(&last_line)),
+                "tail_is_log_limit_bytes": tail_bytes == LOG_LIMIT,
+                "log_truncated_flag": data["logTruncated"] == true,
+                "api_serves_the_whole_log": total == LOG_BYTES + last_line.len(),
+                "tail_is_the_logs_last_bytes": log.is_some_and(|l| l.as_bytes() == &api_tail[..]),
+                "ledger_complete": ledger.is_ok(),
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+                "peak_rss_far_below_the_log": peak_kib < PEAK_LIMIT_KIB,
+            },
+            "headline": format!(
+                "{} MiB step log: the event carried its last {tail_bytes} bytes, delivered \
+                 {:.1} s after creation; observer peak RSS {baseline_kib} KiB at start, \
+                 {peak_kib} KiB after",
+                LOG_BYTES >> 20,
+                delivered_in.as_secs_f64()
+            ),
+        }),
     );
-    let data = data(&events[1]);
-    let log = data["log"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a log: {data}"));
+    eprintln!(
+        "100 MiB log: observer VmHWM {baseline_kib} KiB at start, {peak_kib} KiB after delivery; delivered {delivered_in:?} after creation"
+    );
+
+    assert_eq!(summary(&events), want_events);
+    let log = log.unwrap_or_else(|| panic!("a log: {data}"));
     assert!(
         log.ends_with(&last_line),
         "the tail ends with the last line (is the cluster's node agent older than \
@@ -1258,12 +1983,6 @@ async fn hundred_megabyte_log_is_tailed_in_bounded_memory() {
         "the tail is exactly --log-limit-bytes"
     );
     assert_eq!(data["logTruncated"], true);
-    let peak_kib = peak_rss_kib(observer.pid());
-
-    // The same tail as the API serves it, read independently.
-    let taskrun = get_taskrun(&client, &ns.name, "tr").await;
-    let pod = taskrun["status"]["podName"].as_str().expect("podName");
-    let (total, api_tail) = log_tail(&client, &ns.name, pod, "step-big", LOG_LIMIT).await;
     assert_eq!(
         total,
         LOG_BYTES + last_line.len(),
@@ -1274,32 +1993,11 @@ async fn hundred_megabyte_log_is_tailed_in_bounded_memory() {
         &api_tail[..],
         "exactly the log's last 64 KiB"
     );
-
-    wait_for_exact_ledger(
-        &client,
-        &ns.name,
-        "tr",
-        &ledger(&[("big", &["started", "succeeded"], &[])]),
-        EVENT_DEADLINE,
-        &observer,
-    )
-    .await;
-    control_delivers(&client, &ns.name, "control", &received).await;
-    assert_alive(&mut observer).await;
-    record_figures(
-        "faults_input_big_log",
-        json!({
-            "log_bytes": LOG_BYTES,
-            "observer_peak_rss_kib_before": baseline_kib,
-            "observer_peak_rss_kib_after": peak_kib,
-            "create_to_delivered_seconds": delivered_in.as_secs_f64(),
-        }),
-    );
-    eprintln!(
-        "100 MiB log: observer VmHWM {baseline_kib} KiB at start, {peak_kib} KiB after delivery; delivered {delivered_in:?} after creation"
-    );
+    assert_ledger(&ledger);
+    assert_control(&control);
+    live.assert();
     assert!(
-        peak_kib < 60 * 1024,
+        peak_kib < PEAK_LIMIT_KIB,
         "the observer's peak RSS ({peak_kib} KiB) stays far below the 100 MiB log"
     );
 }
@@ -1341,15 +2039,9 @@ async fn many_steps(case: &str, count: usize, tekton_runs_it: bool) {
         taskrun_manifest("v1", "tr", &steps, None),
     )
     .await;
-    let events = wait_for(&format!("{} events", expected.len()), deadline, || async {
-        let events = received.for_taskrun(&uid);
-        (events.len() >= expected.len()).then_some(events)
-    })
-    .await;
+    let events = arrived(&received, &uid, expected.len(), deadline).await;
     let all_events_in = started.elapsed();
     let all_events_at = chrono::Utc::now();
-    assert_eq!(summary(&events), expected, "in step order");
-    assert_deterministic_ids(&events, &uid);
     let want: LedgerMap = steps
         .iter()
         .map(|s| {
@@ -1358,25 +2050,23 @@ async fn many_steps(case: &str, count: usize, tekton_runs_it: bool) {
             (s.name.clone(), (types, Vec::new()))
         })
         .collect();
-    let taskrun = wait_for_exact_ledger(&client, &ns.name, "tr", &want, deadline, &observer).await;
+    let ledger = exact_ledger(&client, &ns.name, "tr", &want, deadline, &observer).await;
     let ledger_in = started.elapsed();
-    assert_eq!(
-        received.for_taskrun(&uid).len(),
-        expected.len(),
-        "none twice"
-    );
+    let sent = received.for_taskrun(&uid);
+    let no_taskrun = Value::Null;
+    let taskrun = ledger.as_ref().unwrap_or(&no_taskrun);
     let condition = &taskrun["status"]["conditions"][0];
-    if tekton_runs_it {
-        assert_eq!(condition["reason"], "Succeeded", "{condition}");
+    let too_large = condition["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("large"));
+    let (condition_check, condition_as_expected) = if tekton_runs_it {
+        ("taskrun_succeeded", condition["reason"] == "Succeeded")
     } else {
-        assert_eq!(condition["reason"], "PodCreationFailed", "{condition}");
-        assert!(
-            condition["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("large")),
-            "the pod is too large to store: {condition}"
-        );
-    }
+        (
+            "pod_refused_as_too_large",
+            condition["reason"] == "PodCreationFailed" && too_large,
+        )
+    };
     // From the last transition (1 s resolution) to the last event's arrival.
     let lag_ms = events
         .last()
@@ -1389,16 +2079,11 @@ async fn many_steps(case: &str, count: usize, tekton_runs_it: bool) {
         .map(|(f, l)| (l - f).num_milliseconds());
     let metrics = observer.metrics_text().await;
     let last_kind = kinds[kinds.len() - 1];
-    assert_eq!(
-        metric(
-            &metrics,
-            &format!(
-                r#"tekton_step_observer_events_total{{type="{last_kind}",outcome="delivered"}}"#
-            )
-        ),
-        Some(count as f64)
+    let delivered_metric = metric(
+        &metrics,
+        &format!(r#"tekton_step_observer_events_total{{type="{last_kind}",outcome="delivered"}}"#),
     );
-    assert_alive(&mut observer).await;
+    let live = liveness(&mut observer).await;
     let annotation_bytes = taskrun["metadata"]["annotations"][LEDGER_KEY]
         .as_str()
         .map_or(0, str::len);
@@ -1408,6 +2093,17 @@ async fn many_steps(case: &str, count: usize, tekton_runs_it: bool) {
          {lag_ms:?} ms after its transition; ledger {annotation_bytes} bytes",
         expected.len()
     );
+    let mut tally = Tally::default();
+    tally.add("tr", &expected, &sent);
+    let mut checks = json!({
+        "all_events_in_step_order": summary(&events) == expected,
+        "deterministic_ids": ids_deterministic(&events, &uid),
+        "one_ledger_of_every_step": ledger.is_ok(),
+        "none_twice": sent.len() == expected.len(),
+        "delivered_metric_counts_every_step": delivered_metric == Some(count as f64),
+        "observer_alive": live.ok(),
+    });
+    checks[condition_check] = json!(condition_as_expected);
     record_figures(
         case,
         json!({
@@ -1419,8 +2115,50 @@ async fn many_steps(case: &str, count: usize, tekton_runs_it: bool) {
             "first_to_last_transition_ms": first_to_last_ms,
             "last_transition_to_last_event_ms": lag_ms,
             "ledger_bytes": annotation_bytes,
+            "injected": format!(
+                "a TaskRun of {count} steps of 20 ms each ({})",
+                if tekton_runs_it {
+                    "about the most Tekton can put in one pod"
+                } else {
+                    "more than Tekton can put in one pod"
+                }
+            ),
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            // The TaskRun's size is the fault; it does not end.
+            "recovery_seconds": null,
+            "checks": checks,
+            "headline": format!(
+                "{count} steps, {}: {}/{} events in step order {:.1} s after creation, \
+                 ledger of {annotation_bytes} bytes complete after {:.1} s",
+                condition["reason"].as_str().unwrap_or("no condition"),
+                tally.delivered,
+                tally.expected,
+                all_events_in.as_secs_f64(),
+                ledger_in.as_secs_f64()
+            ),
         }),
     );
+
+    assert!(
+        events.len() >= expected.len(),
+        "timed out after {deadline:?} waiting for {} events",
+        expected.len()
+    );
+    assert_eq!(summary(&events), expected, "in step order");
+    assert_deterministic_ids(&events, &uid);
+    assert_ledger(&ledger);
+    assert_eq!(sent.len(), expected.len(), "none twice");
+    if tekton_runs_it {
+        assert_eq!(condition["reason"], "Succeeded", "{condition}");
+    } else {
+        assert_eq!(condition["reason"], "PodCreationFailed", "{condition}");
+        assert!(too_large, "the pod is too large to store: {condition}");
+    }
+    assert_eq!(delivered_metric, Some(count as f64));
+    live.assert();
 }
 
 /// 200 steps are more than Tekton v1.9.2 can run: its pod (over 2 MiB) is
@@ -1485,41 +2223,93 @@ async fn pod_deleted_before_its_logs_were_read() {
             .then_some(())
     })
     .await;
-    assert!(
-        received.for_taskrun(&uid).is_empty(),
-        "nothing delivered yet"
-    );
+    let early = received.for_taskrun(&uid).len();
     received.fail_with.store(0, Ordering::SeqCst);
 
-    let events = received.wait_for_count(&uid, 4).await;
+    let events = arrived(&received, &uid, TWO_STEPS_EVENTS.len(), EVENT_DEADLINE).await;
+    // The terminal events of `a` and `b`, which carry (here: lack) the logs.
+    let terminals: Vec<&Event> = [1, 3].into_iter().filter_map(|i| events.get(i)).collect();
+    let says_pod_gone =
+        |why: &str| why.contains(&pod) && why.contains("not found") && why.contains("deleted");
+    let exit_code = |terminal: &Event| {
+        if terminal.subject() == Some("a") {
+            0
+        } else {
+            1
+        }
+    };
+    let want = ledger(&[
+        ("a", &["started", "succeeded"], &[]),
+        ("b", &["started", "failed"], &[]),
+    ]);
+    let ledger = exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
+    let read_errors = metric_now(&observer, "tekton_step_observer_log_read_errors_total").await;
+    let control = run_control(&client, &ns.name, "control", &received).await;
+    let live = liveness(&mut observer).await;
+    let mut tally = Tally::default();
+    tally.add("tr", &expect(&TWO_STEPS_EVENTS), &events);
+    tally.add("control", &expect(&CONTROL_EVENTS), &control);
+    let without_log = terminals
+        .iter()
+        .filter(|t| {
+            let data = data(t);
+            data["log"].is_null() && says_pod_gone(data["logError"].as_str().unwrap_or_default())
+        })
+        .count();
+    record_figures(
+        "faults_input_pod_deleted",
+        json!({
+            "injected": "the sink answers 503 while a TaskRun of 2 steps finishes, its pod \
+                         is force-deleted before the logs were read, then the sink recovers",
+            "log_read_errors_total": read_errors,
+            "delivered_before_recovery": early,
+            "expected": tally.expected,
+            "delivered": tally.delivered,
+            "missing": tally.missing,
+            "repeats": tally.repeats,
+            "checks": {
+                "nothing_delivered_during_outage": early == 0,
+                "all_events_in_order": summary(&events) == expect(&TWO_STEPS_EVENTS),
+                "deterministic_ids": ids_deterministic(&events, &uid),
+                "terminal_log_null": terminals.len() == 2
+                    && terminals.iter().all(|t| data(t)["log"].is_null()),
+                "log_error_says_the_pod_is_gone": terminals.len() == 2
+                    && terminals.iter().all(|t| {
+                        says_pod_gone(data(t)["logError"].as_str().unwrap_or_default())
+                    }),
+                "exit_codes_kept": terminals.len() == 2
+                    && terminals.iter().all(|t| {
+                        data(t)["stepState"]["terminated"]["exitCode"] == exit_code(t)
+                    }),
+                "ledger_complete": ledger.is_ok(),
+                "log_read_errors_counted": read_errors == 2.0,
+                "control_delivered": control_delivered(&control),
+                "observer_alive": live.ok(),
+            },
+            "headline": format!(
+                "pod deleted before its logs were read: {}/{} events delivered once the sink \
+                 recovered, {without_log} terminal events with log null and a logError \
+                 naming the pod, log_read_errors_total {read_errors}",
+                tally.delivered, tally.expected
+            ),
+        }),
+    );
+
+    assert_eq!(early, 0, "nothing delivered yet");
     assert_eq!(summary(&events), expect(&TWO_STEPS_EVENTS));
     assert_deterministic_ids(&events, &uid);
     for terminal in [&events[1], &events[3]] {
         let data = data(terminal);
         assert_eq!(data["log"], Value::Null, "{data}");
         let why = data["logError"].as_str().unwrap_or_default();
-        assert!(
-            why.contains(&pod) && why.contains("not found") && why.contains("deleted"),
-            "logError says the pod is gone: {why:?}"
-        );
+        assert!(says_pod_gone(why), "logError says the pod is gone: {why:?}");
         assert_eq!(
             data["stepState"]["terminated"]["exitCode"],
-            if terminal.subject() == Some("a") {
-                0
-            } else {
-                1
-            }
+            exit_code(terminal)
         );
     }
-    let want = ledger(&[
-        ("a", &["started", "succeeded"], &[]),
-        ("b", &["started", "failed"], &[]),
-    ]);
-    wait_for_exact_ledger(&client, &ns.name, "tr", &want, EVENT_DEADLINE, &observer).await;
-    assert_eq!(
-        metric_now(&observer, "tekton_step_observer_log_read_errors_total").await,
-        2.0
-    );
-    control_delivers(&client, &ns.name, "control", &received).await;
-    assert_alive(&mut observer).await;
+    assert_ledger(&ledger);
+    assert_eq!(read_errors, 2.0);
+    assert_control(&control);
+    live.assert();
 }
