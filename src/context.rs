@@ -93,6 +93,8 @@ pub struct Context {
     /// deleted. Guards against a cache that lags behind our own patch, and
     /// against the annotation losing entries after we wrote it (see
     /// [`Context::ledger_regressed`]): what is remembered is never sent again.
+    /// On taking over from another leader, what a fresh read of the TaskRun
+    /// showed recorded is added too (`delivery::adopt_current_ledger`).
     memory: Mutex<HashMap<String, Remembered>>,
     /// Bounds concurrent deliveries.
     pub delivery_slots: Semaphore,
@@ -331,6 +333,36 @@ pub fn owed_count(ctx: &Context, snapshot: &Snapshot) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn finished_at(text: &str) -> RunPhase {
+        RunPhase::Finished {
+            reason: Some("Succeeded".to_owned()),
+            at: Some(
+                DateTime::parse_from_rfc3339(text)
+                    .unwrap()
+                    .with_timezone(&Utc),
+            ),
+        }
+    }
+
+    #[test]
+    fn only_what_finished_before_the_cutoff_without_a_ledger_is_left_alone() {
+        let cutoff = DateTime::parse_from_rfc3339("2026-12-02T11:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let before = finished_at("2026-12-02T10:59:59Z");
+        let after = finished_at("2026-12-02T11:00:01Z");
+        assert!(left_alone_by_backfill(&before, false, cutoff));
+        assert!(!left_alone_by_backfill(&before, true, cutoff));
+        assert!(!left_alone_by_backfill(&after, false, cutoff));
+        assert!(!left_alone_by_backfill(&RunPhase::Running, false, cutoff));
+        // No completion time: it cannot be placed before the cutoff.
+        let unknown = RunPhase::Finished {
+            reason: None,
+            at: None,
+        };
+        assert!(!left_alone_by_backfill(&unknown, false, cutoff));
+    }
 
     #[test]
     fn a_snapshot_before_our_write_is_older() {

@@ -83,6 +83,8 @@ enum Built {
 /// What stops a worker from sending right now.
 enum Gate {
     Open(url::Url),
+    /// This replica just became leader while the worker waited.
+    TookOver,
     NewSnapshot,
     Closed,
 }
@@ -126,6 +128,10 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
 
         let sink = match gate(&ctx, &mut snapshots).await {
             Gate::Open(sink) => sink,
+            Gate::TookOver => {
+                adopt_current_ledger(&ctx, &snapshot).await;
+                continue;
+            }
             Gate::NewSnapshot => continue,
             Gate::Closed => {
                 write_ledger_before_exit(&ctx, &snapshot, &mut own_write).await;
@@ -221,6 +227,34 @@ async fn write_ledger_before_exit(
     }
 }
 
+/// On taking over from another leader: reads the TaskRun afresh and takes
+/// its ledger as settled. NB: the watch may not yet show the last ledger
+/// write the leader before made (it wrote it just before it released the
+/// Lease, and the two watches are not ordered), and sending from the older
+/// copy would repeat what it recorded. One GET per TaskRun still owing
+/// events, at a takeover only. On error the snapshot's ledger stands.
+async fn adopt_current_ledger(ctx: &Context, snapshot: &Snapshot) {
+    let taskrun = &snapshot.taskrun;
+    match ctx
+        .taskruns(&taskrun.namespace)
+        .get_opt(&taskrun.name)
+        .await
+    {
+        Ok(Some(current)) if current.metadata.uid.as_deref() == Some(taskrun.uid.as_str()) => {
+            let (ledger, _) =
+                annotation_ledger(crate::tekton::ledger_annotation(&current.metadata));
+            if !ledger.is_empty() {
+                ctx.remember(taskrun, &ledger);
+            }
+        }
+        // Gone: the watch brings the deletion.
+        Ok(_) => {}
+        Err(error) => {
+            debug!(taskrun = %taskrun.key(), %error, "cannot read the TaskRun on taking over; going by the watch");
+        }
+    }
+}
+
 /// Whether the annotation in this snapshot already holds all we settled.
 fn ledger_covers_memory(snapshot: &Snapshot, settled: &Ledger) -> bool {
     let (annotation, _) = annotation_ledger(snapshot.annotation.as_deref());
@@ -233,14 +267,18 @@ async fn gate(ctx: &Context, snapshots: &mut watch::Receiver<Arc<Snapshot>>) -> 
     let mut leader = ctx.leader.clone();
     let mut sink = ctx.sink.clone();
     let mut stopping = ctx.stopping.clone();
+    let mut waited_for_leadership = false;
     loop {
         if *stopping.borrow_and_update() {
             return Gate::Closed;
         }
         let is_leader = *leader.borrow_and_update();
         let url = sink.borrow_and_update().url().cloned();
-        if let (true, Some(url)) = (is_leader, url) {
-            return Gate::Open(url);
+        match (is_leader, url) {
+            (true, _) if waited_for_leadership => return Gate::TookOver,
+            (true, Some(url)) => return Gate::Open(url),
+            (false, _) => waited_for_leadership = true,
+            (true, None) => {}
         }
         tokio::select! {
             changed = leader.changed() => if changed.is_err() { return Gate::Closed },
