@@ -820,7 +820,7 @@ async fn observer_sigkill_five_times_loses_nothing() {
     let figures = json!({
         "case": CASE,
         "seed": seed,
-        "fault": format!("observer SIGKILLed {} times (the first aimed right after a sink acknowledgement, {aimed_tries} tries), restarted at once with the same arguments", kills.len()),
+        "fault": format!("observer SIGKILLed {} times (the first aimed right after a sink acknowledgement: {aimed_tries} aimed kill(s) until one landed before the ledger write), restarted at once with the same arguments", kills.len()),
         "kills": kill_figures,
         "aimed_kill_tries": aimed_tries,
         "kills_between_ack_and_ledger_write": kills.iter().filter(|kill| !kill.in_flight.is_empty()).count(),
@@ -1047,6 +1047,7 @@ async fn ledger_patch_conflicts_per_hundred_taskruns() {
         "case": case,
         "seed": seed,
         "observer_build": if label.is_empty() { "this revision".to_owned() } else { label.clone() },
+        "injected": format!("no fault: the usual workload ({TASKRUN_COUNT} TaskRuns of 3 to 10 steps), counting the ledger patches the API server refused"),
         "ledger_patches": patches,
         "refused_409": delta("409"),
         "refused_422_failed_test": delta("422"),
