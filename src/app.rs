@@ -21,7 +21,7 @@ use crate::server::{self, Readiness};
 use crate::sink::SinkSettings;
 use crate::sink_config::{self, SinkState};
 use crate::tekton::TektonVersion;
-use crate::watermark::{self, WatermarkStore};
+use crate::watermark::{self, WatermarkLimit, WatermarkStore};
 
 /// Namespace of the leader Lease when neither the flag nor POD_NAMESPACE says.
 const DEFAULT_LEASE_NAMESPACE: &str = "tekton-step-observer";
@@ -141,6 +141,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let watermark = WatermarkStore::new(
         Api::namespaced(client.clone(), &lease_namespace),
         args.leader_election_id.clone(),
+        args.backfill_window,
     );
     let last_running = watermark.read().await;
     let backfill_cutoff =
@@ -198,7 +199,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         readiness.clone(),
     )?);
 
-    let keep_watermark = watermark.clone().keep(leader.clone(), stop_rx.clone());
+    let (limit_tx, limit_rx) = watch::channel(WatermarkLimit::NotSynced);
+    let keep_watermark = watermark
+        .clone()
+        .keep(leader.clone(), stop_rx.clone(), limit_rx.clone());
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -218,11 +222,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         stop_tx.send_replace(true);
     });
     tokio::spawn(keep_watermark);
-    let result = controller::run(ctx, readiness, stopped()).await;
-    // The last moment known to be running, while still leader: a restart
-    // then backfills everything that finished while it was down.
+    let result = controller::run(ctx, readiness, limit_tx, stopped()).await;
+    // The last moment known to be running (as far as what is still owed
+    // lets it go), while still leader: a restart then backfills everything
+    // that finished while it was down.
     let leading = *leader.borrow();
-    if leading && let Err(error) = watermark.write(Utc::now()).await {
+    let limit = *limit_rx.borrow();
+    if leading && let Err(error) = watermark.advance(limit).await {
         warn!(%error, "cannot record the backfill watermark on the way out");
     }
     leader_handle.shutdown().await;

@@ -22,6 +22,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
+
 use futures::{StreamExt, stream};
 use kube::Client;
 use kube::api::Api;
@@ -34,6 +36,7 @@ use crate::delivery;
 use crate::error::{Error, Result};
 use crate::server::Readiness;
 use crate::tekton::{TaskRun, TaskRunRef, TektonVersion, ledger_annotation, strip_for_cache};
+use crate::watermark::WatermarkLimit;
 
 /// Finds which TaskRun API version the cluster serves.
 pub async fn detect_version(client: &Client) -> Result<TektonVersion> {
@@ -64,6 +67,12 @@ pub async fn detect_version(client: &Client) -> Result<TektonVersion> {
         )),
     })
 }
+
+/// How often the watermark limit is worked out again (it only matters once
+/// a TaskRun owes events for about a whole backfill window, so a few
+/// seconds late is nothing; a walk over the workers per watch event would
+/// be wasted).
+const WATERMARK_LIMIT_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Worker {
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -103,6 +112,8 @@ struct Tracker {
     lists: Vec<ListState>,
     /// TaskRuns the backfill rule left alone in the first lists.
     left_alone_at_start: usize,
+    /// How far the backfill watermark may move on.
+    watermark_limit: watch::Sender<WatermarkLimit>,
 }
 
 impl Tracker {
@@ -192,6 +203,7 @@ impl Tracker {
         );
         let first = !self.lists[scope].synced;
         self.lists[scope].synced = true;
+        self.publish_watermark_limit();
         let all_synced = self.lists.iter().all(|list| list.synced);
         if first && all_synced && self.left_alone_at_start > 0 {
             info!(
@@ -292,6 +304,32 @@ impl Tracker {
         }
     }
 
+    /// Tells the watermark keeper how far it may go: not before the first
+    /// lists ended, and not past what would put a finished TaskRun that
+    /// still owes events outside the window at the next start.
+    fn publish_watermark_limit(&self) {
+        let limit = if !self.lists.iter().all(|list| list.synced) {
+            WatermarkLimit::NotSynced
+        } else {
+            self.workers
+                .values()
+                .filter_map(|worker| {
+                    let latest = worker.snapshots.borrow();
+                    let finished = latest.status.as_ref()?.completion_time.as_deref()?;
+                    DateTime::parse_from_rfc3339(finished)
+                        .ok()
+                        .map(|at| at.with_timezone(&Utc))
+                })
+                .min()
+                .map_or(WatermarkLimit::Now, WatermarkLimit::OldestOwed)
+        };
+        self.watermark_limit.send_if_modified(|current| {
+            let changed = *current != limit;
+            *current = limit;
+            changed
+        });
+    }
+
     fn report_sizes(&self) {
         self.ctx.metrics.set_queue_depth(self.workers.len());
         self.ctx
@@ -340,6 +378,7 @@ fn taskrun_events(
 pub async fn run(
     ctx: Arc<Context>,
     readiness: Readiness,
+    watermark_limit: watch::Sender<WatermarkLimit>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -352,7 +391,9 @@ pub async fn run(
         lists: scopes.iter().map(|_| ListState::default()).collect(),
         scopes,
         left_alone_at_start: 0,
+        watermark_limit,
     };
+    let mut limit_refresh = tokio::time::interval(WATERMARK_LIMIT_REFRESH);
     info!(
         version = ctx.version.api_version(),
         namespaces = ?ctx.settings.namespaces,
@@ -363,6 +404,7 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             Some(uid) = done_rx.recv() => tracker.on_worker_done(uid),
+            _ = limit_refresh.tick() => tracker.publish_watermark_limit(),
             event = events.next() => match event {
                 Some((scope, Ok(watcher::Event::Apply(taskrun) | watcher::Event::InitApply(taskrun)))) => {
                     tracker.on_apply(scope, taskrun);
@@ -387,5 +429,7 @@ pub async fn run(
         }
     }
     tracker.drain(&mut done_rx).await;
+    // What the last watermark write may claim.
+    tracker.publish_watermark_limit();
     Ok(())
 }

@@ -35,6 +35,45 @@ pub const WATERMARK_ANNOTATION: &str = "tekton.plugin.step-observer/running-at";
 /// more of the past is backfilled: never less, so nothing is lost.
 pub const WATERMARK_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How far the watermark may move on, as the controller knows it. NB: it
+/// must not move past what would leave a TaskRun that still owes events
+/// outside the window at the next start: a process that crashes in a loop
+/// would otherwise move it on at every start while delivering nothing, and
+/// what finished early in that time would be left alone for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatermarkLimit {
+    /// The first list has not ended: what happened while the observer was
+    /// down has not been looked at yet, so the watermark stays.
+    NotSynced,
+    /// Nothing that finished still owes events: up to now.
+    Now,
+    /// The earliest completion time among the TaskRuns that finished and
+    /// still owe events.
+    OldestOwed(DateTime<Utc>),
+}
+
+/// The watermark to write under `limit`, or `None` to leave it as it is:
+/// at most `oldest owed + window`, so that the next start's cutoff
+/// (`watermark − window`) is not after that TaskRun's end.
+pub fn watermark_to_write(
+    limit: WatermarkLimit,
+    now: DateTime<Utc>,
+    window: Duration,
+) -> Option<DateTime<Utc>> {
+    match limit {
+        WatermarkLimit::NotSynced => None,
+        WatermarkLimit::Now => Some(now),
+        WatermarkLimit::OldestOwed(finished) => {
+            let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+            Some(
+                finished
+                    .checked_add_signed(window)
+                    .map_or(now, |bound| bound.min(now)),
+            )
+        }
+    }
+}
+
 /// Field manager of the watermark patch.
 const FIELD_MANAGER: &str = "tekton-step-observer-watermark";
 
@@ -73,14 +112,25 @@ pub fn lease_watermark(lease: &Lease) -> std::result::Result<Option<DateTime<Utc
 pub struct WatermarkStore {
     api: Api<Lease>,
     name: String,
+    window: Duration,
 }
 
 impl WatermarkStore {
-    /// The store on Lease `name` of `api`'s namespace.
-    pub fn new(api: Api<Lease>, name: impl Into<String>) -> Self {
+    /// The store on Lease `name` of `api`'s namespace, for `--backfill-window`.
+    pub fn new(api: Api<Lease>, name: impl Into<String>, window: Duration) -> Self {
         Self {
             api,
             name: name.into(),
+            window,
+        }
+    }
+
+    /// Moves the watermark on as far as `limit` lets it (see
+    /// [`watermark_to_write`]); `Ok(false)` when it may not move yet.
+    pub async fn advance(&self, limit: WatermarkLimit) -> Result<bool> {
+        match watermark_to_write(limit, Utc::now(), self.window) {
+            Some(at) => self.write(at).await.map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -147,12 +197,14 @@ impl WatermarkStore {
     }
 
     /// Moves the watermark on every [`WATERMARK_INTERVAL`] while this
-    /// replica leads, until `stopping`. Failures are logged and retried at
-    /// the next tick: a stale watermark only means more is backfilled.
+    /// replica leads, as far as `limit` (from the controller) lets it, until
+    /// `stopping`. Failures are logged and retried at the next tick: a stale
+    /// watermark only means more is backfilled.
     pub async fn keep(
         self,
         mut leader: watch::Receiver<bool>,
         mut stopping: watch::Receiver<bool>,
+        limit: watch::Receiver<WatermarkLimit>,
     ) {
         let mut ticks = tokio::time::interval(WATERMARK_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,12 +220,16 @@ impl WatermarkStore {
             if !*leader.borrow_and_update() {
                 continue;
             }
-            match self.write(Utc::now()).await {
-                Ok(()) if failing => {
+            let limit = *limit.borrow();
+            match self.advance(limit).await {
+                Ok(false) => {
+                    debug!(lease = %self.name, "backfill watermark held until the first list ends")
+                }
+                Ok(true) if failing => {
                     failing = false;
                     info!(lease = %self.name, "backfill watermark moved on again");
                 }
-                Ok(()) => debug!(lease = %self.name, "backfill watermark moved on"),
+                Ok(true) => debug!(lease = %self.name, ?limit, "backfill watermark moved on"),
                 Err(error) if failing => {
                     debug!(%error, "still cannot move the backfill watermark on")
                 }
@@ -233,6 +289,30 @@ mod tests {
             backfill_cutoff(None, now, Duration::MAX),
             DateTime::<Utc>::MIN_UTC
         );
+    }
+
+    #[test]
+    fn the_watermark_waits_for_the_first_list_and_for_what_is_owed() {
+        let now = at("2026-12-02T12:00:00Z");
+        assert_eq!(
+            watermark_to_write(WatermarkLimit::NotSynced, now, HOUR),
+            None
+        );
+        assert_eq!(
+            watermark_to_write(WatermarkLimit::Now, now, HOUR),
+            Some(now)
+        );
+        // Owed since 09:00: the next start's cutoff must not pass 09:00.
+        let owed = WatermarkLimit::OldestOwed(at("2026-12-02T09:00:00Z"));
+        let mark = watermark_to_write(owed, now, HOUR).unwrap();
+        assert_eq!(mark, at("2026-12-02T10:00:00Z"));
+        assert_eq!(
+            backfill_cutoff(Some(mark), now, HOUR),
+            at("2026-12-02T09:00:00Z")
+        );
+        // Owed since a moment within the window: now.
+        let recent = WatermarkLimit::OldestOwed(at("2026-12-02T11:30:00Z"));
+        assert_eq!(watermark_to_write(recent, now, HOUR), Some(now));
     }
 
     #[test]
