@@ -428,8 +428,9 @@ pub async fn run(
             },
         }
     }
-    tracker.drain(&mut done_rx).await;
-    // What the last watermark write may claim.
+    // What the last watermark write may claim, taken while every worker
+    // still counts: draining removes them, delivered or not.
     tracker.publish_watermark_limit();
+    tracker.drain(&mut done_rx).await;
     Ok(())
 }

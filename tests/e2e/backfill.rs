@@ -139,3 +139,65 @@ async fn observer_down_longer_than_the_backfill_window_loses_nothing() {
         "what finished before the first install is left alone"
     );
 }
+
+/// A TaskRun that finished but still owes events (the sink refuses them)
+/// holds the watermark back: the observer stopping long after, and starting
+/// again, still sends them, although the TaskRun finished longer than the
+/// window before the observer last ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_still_owed_hold_the_watermark_back() {
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "backfill-owed").await;
+    let (addr, received) = start_receiver().await;
+    received
+        .fail_with
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let sink = format!("http://{addr}/");
+    let window = format!("{}s", WINDOW.as_secs());
+    let args = [
+        "--namespace",
+        &ns.name,
+        "--sink",
+        &sink,
+        "--backfill-window",
+        &window,
+        "--leader-election-namespace",
+        &ns.name,
+        "--leader-election-id",
+        LEASE,
+    ];
+    let mut observer = Observer::start("backfill-owed", &args, None).await;
+    let uid = create_taskrun(
+        &client,
+        &ns.name,
+        taskrun_manifest("v1", "held", &[ok("build")], None),
+    )
+    .await;
+    // It finishes, its events are refused, and the window passes while the
+    // observer runs; then the observer stops (and writes its watermark).
+    outwait_window(completion_time(
+        &wait_finished(&client, &ns.name, "held").await,
+    ))
+    .await;
+    assert!(
+        observer.terminate(Duration::from_secs(25)).await,
+        "the observer exits on SIGTERM; log:\n{}",
+        observer.log_text()
+    );
+    assert!(
+        received.for_taskrun(&uid).is_empty(),
+        "the sink took nothing yet"
+    );
+
+    received
+        .fail_with
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    observer.restart().await;
+    let events = received.wait_for_count(&uid, 2).await;
+    assert_eq!(
+        summary(&events),
+        expect(&[("build", "started"), ("build", "succeeded")]),
+        "{}",
+        observer.log_text()
+    );
+}
