@@ -41,6 +41,23 @@ async fn outwait_window(at: DateTime<Utc>) {
     .await;
 }
 
+/// An observer of `namespace` with the short window and a Lease (so a
+/// watermark) of the test's own.
+fn observer_args<'a>(namespace: &'a str, sink: &'a str, window: &'a str) -> [&'a str; 10] {
+    [
+        "--namespace",
+        namespace,
+        "--sink",
+        sink,
+        "--backfill-window",
+        window,
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-id",
+        LEASE,
+    ]
+}
+
 async fn left_alone(observer: &Observer) -> Option<f64> {
     observer
         .metrics_text()
@@ -70,18 +87,7 @@ async fn observer_down_longer_than_the_backfill_window_loses_nothing() {
     .await;
 
     let window = format!("{}s", WINDOW.as_secs());
-    let args = [
-        "--namespace",
-        &ns.name,
-        "--sink",
-        &sink,
-        "--backfill-window",
-        &window,
-        "--leader-election-namespace",
-        &ns.name,
-        "--leader-election-id",
-        LEASE,
-    ];
+    let args = observer_args(&ns.name, &sink, &window);
     let mut observer = Observer::start("backfill", &args, None).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     wait_for("the watermark on the Lease", EVENT_DEADLINE, || async {
@@ -154,18 +160,7 @@ async fn events_still_owed_hold_the_watermark_back() {
         .store(503, std::sync::atomic::Ordering::SeqCst);
     let sink = format!("http://{addr}/");
     let window = format!("{}s", WINDOW.as_secs());
-    let args = [
-        "--namespace",
-        &ns.name,
-        "--sink",
-        &sink,
-        "--backfill-window",
-        &window,
-        "--leader-election-namespace",
-        &ns.name,
-        "--leader-election-id",
-        LEASE,
-    ];
+    let args = observer_args(&ns.name, &sink, &window);
     let mut observer = Observer::start("backfill-owed", &args, None).await;
     let uid = create_taskrun(
         &client,
