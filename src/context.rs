@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::server::Readiness;
 use crate::sink::{SinkClient, SinkSettings};
 use crate::sink_config::SinkState;
-use crate::steps::{RunFacts, RunPhase, Transition, owed_transitions, run_facts};
+use crate::steps::{RunPhase, Transition, owed_transitions, run_facts};
 use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
 
 /// The name the controller reports Kubernetes Events under.
@@ -286,43 +286,46 @@ pub struct Owed {
     pub malformed_ledger: Option<Error>,
 }
 
+/// What a snapshot owes, as far as it can be told.
+pub enum Owing {
+    /// Nothing can be owed yet: the status cannot be decided.
+    Undecided,
+    /// The backfill rule leaves the TaskRun alone.
+    LeftAlone,
+    /// What it owes (maybe nothing).
+    Events(Owed),
+}
+
 /// Works out what a snapshot still owes, given the annotation and what this
 /// process settled: the one place that decides it, for the watch tracker
 /// (whether to run a worker) and the delivery worker (what to send) alike.
-/// `None` when nothing can be owed: the status cannot be decided yet, or the
-/// backfill rule leaves the TaskRun alone.
-pub fn owed_events(ctx: &Context, snapshot: &Snapshot) -> Option<Owed> {
-    let facts = run_facts(snapshot.status.as_ref()).ok()?;
+pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
+    let Ok(facts) = run_facts(snapshot.status.as_ref()) else {
+        return Owing::Undecided;
+    };
     let (mut ledger, malformed_ledger) = annotation_ledger(snapshot.annotation.as_deref());
     let remembered = ctx.memory_ledger(&snapshot.taskrun.uid);
-    if left_alone(ctx, snapshot, &facts, &remembered) {
-        return None;
+    if left_alone_by_backfill(
+        &facts.phase,
+        snapshot.annotation.is_some() || !remembered.is_empty(),
+        ctx.settings.backfill_cutoff,
+    ) {
+        return Owing::LeftAlone;
     }
     ledger.merge(&remembered);
-    Some(Owed {
+    Owing::Events(Owed {
         transitions: owed_transitions(&facts, &ledger),
         malformed_ledger,
     })
 }
 
-/// Whether the backfill rule leaves a snapshot's TaskRun alone.
-pub fn is_left_alone(ctx: &Context, snapshot: &Snapshot) -> bool {
-    run_facts(snapshot.status.as_ref()).is_ok_and(|facts| {
-        left_alone(
-            ctx,
-            snapshot,
-            &facts,
-            &ctx.memory_ledger(&snapshot.taskrun.uid),
-        )
-    })
-}
-
-fn left_alone(ctx: &Context, snapshot: &Snapshot, facts: &RunFacts, remembered: &Ledger) -> bool {
-    left_alone_by_backfill(
-        &facts.phase,
-        snapshot.annotation.is_some() || !remembered.is_empty(),
-        ctx.settings.backfill_cutoff,
-    )
+/// [`owing`], for the delivery worker: `None` when nothing can be owed (the
+/// status cannot be decided yet, or the backfill rule leaves it alone).
+pub fn owed_events(ctx: &Context, snapshot: &Snapshot) -> Option<Owed> {
+    match owing(ctx, snapshot) {
+        Owing::Events(owed) => Some(owed),
+        Owing::Undecided | Owing::LeftAlone => None,
+    }
 }
 
 /// The number of events a snapshot still owes.

@@ -31,7 +31,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::context::{Context, Snapshot, is_left_alone, owed_count};
+use crate::context::{Context, Owing, Snapshot, owed_count, owing};
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::server::Readiness;
@@ -73,6 +73,15 @@ pub async fn detect_version(client: &Client) -> Result<TektonVersion> {
 /// seconds late is nothing; a walk over the workers per watch event would
 /// be wasted).
 const WATERMARK_LIMIT_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What [`Tracker::evaluate`] made of a snapshot without a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Evaluated {
+    /// The backfill rule leaves it alone.
+    LeftAlone,
+    /// A worker was started if anything is owed.
+    Considered,
+}
 
 struct Worker {
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -153,12 +162,9 @@ impl Tracker {
         let first_list = list.seen.is_some() && !list.synced;
         if let Some(worker) = self.workers.get(&uid) {
             worker.snapshots.send_replace(snapshot);
-        } else {
-            if first_list && is_left_alone(&self.ctx, &snapshot) {
-                self.left_alone_at_start += 1;
-                self.ctx.metrics.record_backfill_left_alone();
-            }
-            self.evaluate(snapshot);
+        } else if self.evaluate(snapshot) == Evaluated::LeftAlone && first_list {
+            self.left_alone_at_start += 1;
+            self.ctx.metrics.record_backfill_left_alone();
         }
         self.ctx.metrics.observe_reconcile(started.elapsed());
         self.report_sizes();
@@ -218,9 +224,13 @@ impl Tracker {
 
     /// Starts a worker if the snapshot owes events, or its ledger lost
     /// entries we wrote.
-    fn evaluate(&mut self, snapshot: Arc<Snapshot>) {
+    fn evaluate(&mut self, snapshot: Arc<Snapshot>) -> Evaluated {
         let uid = snapshot.taskrun.uid.clone();
-        let owed = owed_count(&self.ctx, &snapshot);
+        let owed = match owing(&self.ctx, &snapshot) {
+            Owing::LeftAlone => return Evaluated::LeftAlone,
+            Owing::Undecided => 0,
+            Owing::Events(owed) => owed.transitions.len(),
+        };
         let regressed = owed == 0 && self.ctx.ledger_regressed(&snapshot);
         if regressed {
             info!(taskrun = %snapshot.taskrun.key(), "the ledger annotation lost entries we recorded (an older copy was written over it); recording them again");
@@ -239,6 +249,7 @@ impl Tracker {
             });
             self.workers.insert(uid, Worker { snapshots });
         }
+        Evaluated::Considered
     }
 
     fn on_delete(&mut self, taskrun: TaskRun) {

@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::context::{Context, Snapshot, annotation_ledger, not_older_than, owed_events};
 use crate::error::{Error, Result};
 use crate::event::{EventInput, StepLog, build_event, state_as_started};
-use crate::ledger::{Ledger, Settlement, compare_and_swap_patch, is_failed_test};
+use crate::ledger::{Ledger, Settlement, compare_and_swap_patch, patch_did_not_apply};
 use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
 use crate::sink::{DeliveryOutcome, RetryReason, retry_delay};
@@ -638,7 +638,7 @@ async fn patch_ledger(
                 return Ok(());
             }
             Err(kube::Error::Api(status))
-                if status.code == 409 || is_failed_test(status.code, &status.message) =>
+                if status.code == 409 || patch_did_not_apply(status.code, &status.message) =>
             {
                 let fresh = api.get(&taskrun.name).await.map_err(patch_error)?;
                 if fresh.metadata.uid.as_deref() != Some(taskrun.uid.as_str()) {

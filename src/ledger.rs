@@ -333,7 +333,7 @@ pub fn compare_and_swap_patch(
 /// `NewGenericServerResponse`, which drops it for 422. A 422 from
 /// validation (a webhook, an annotation over the size limit) says what is
 /// invalid instead.
-pub fn is_failed_test(code: u16, message: &str) -> bool {
+pub fn patch_did_not_apply(code: u16, message: &str) -> bool {
     code == 422 && (message == PATCH_DID_NOT_APPLY || message.contains("test failed"))
 }
 
@@ -538,19 +538,19 @@ mod tests {
 
     #[test]
     fn only_a_failed_test_counts_as_a_conflict() {
-        assert!(is_failed_test(
+        assert!(patch_did_not_apply(
             422,
             "testing value /metadata/uid failed: test failed"
         ));
-        assert!(!is_failed_test(
+        assert!(!patch_did_not_apply(
             422,
             "add operation does not apply: doc is missing path"
         ));
-        assert!(is_failed_test(422, PATCH_DID_NOT_APPLY));
-        assert!(!is_failed_test(
+        assert!(patch_did_not_apply(422, PATCH_DID_NOT_APPLY));
+        assert!(!patch_did_not_apply(
             422,
             "TaskRun.tekton.dev \"tr\" is invalid: metadata.annotations: Too long"
         ));
-        assert!(!is_failed_test(500, "test failed"));
+        assert!(!patch_did_not_apply(500, "test failed"));
     }
 }

@@ -21,24 +21,31 @@ const MARGIN: Duration = Duration::from_secs(2);
 
 const LEASE: &str = "backfill-watermark";
 
-fn completion_time(taskrun: &serde_json::Value) -> DateTime<Utc> {
+/// Creates a TaskRun of `steps`, waits until it finished and until the
+/// window (plus the margin) has passed since; returns its uid.
+async fn finished_longer_than_the_window_ago(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    steps: &[Step],
+) -> String {
+    let uid = create_taskrun(client, namespace, taskrun_manifest("v1", name, steps, None)).await;
+    let taskrun = wait_finished(client, namespace, name).await;
     let text = taskrun["status"]["completionTime"]
         .as_str()
         .expect("a finished TaskRun has a completionTime");
-    DateTime::parse_from_rfc3339(text)
+    let until = DateTime::parse_from_rfc3339(text)
         .unwrap()
         .with_timezone(&Utc)
-}
-
-/// Waits until `at` + the window + the margin has passed.
-async fn outwait_window(at: DateTime<Utc>) {
-    let until = at + WINDOW + MARGIN;
+        + WINDOW
+        + MARGIN;
     wait_for(
         "the backfill window to pass",
         Duration::from_secs(30),
         || async { (Utc::now() > until).then_some(()) },
     )
     .await;
+    uid
 }
 
 /// An observer of `namespace` with the short window and a Lease (so a
@@ -75,16 +82,7 @@ async fn observer_down_longer_than_the_backfill_window_loses_nothing() {
     let sink = format!("http://{addr}/");
 
     // Finished long (longer than the window) before the first install.
-    let old = create_taskrun(
-        &client,
-        &ns.name,
-        taskrun_manifest("v1", "old", &[ok("a")], None),
-    )
-    .await;
-    outwait_window(completion_time(
-        &wait_finished(&client, &ns.name, "old").await,
-    ))
-    .await;
+    let old = finished_longer_than_the_window_ago(&client, &ns.name, "old", &[ok("a")]).await;
 
     let window = format!("{}s", WINDOW.as_secs());
     let args = observer_args(&ns.name, &sink, &window);
@@ -112,16 +110,9 @@ async fn observer_down_longer_than_the_backfill_window_loses_nothing() {
         "the observer exits on SIGTERM; log:\n{}",
         observer.log_text()
     );
-    let uid = create_taskrun(
-        &client,
-        &ns.name,
-        taskrun_manifest("v1", "tr", &[ok("build"), ok("push")], None),
-    )
-    .await;
-    outwait_window(completion_time(
-        &wait_finished(&client, &ns.name, "tr").await,
-    ))
-    .await;
+    let uid =
+        finished_longer_than_the_window_ago(&client, &ns.name, "tr", &[ok("build"), ok("push")])
+            .await;
 
     observer.restart().await;
     let events = received.wait_for_count(&uid, 4).await;
@@ -162,18 +153,9 @@ async fn events_still_owed_hold_the_watermark_back() {
     let window = format!("{}s", WINDOW.as_secs());
     let args = observer_args(&ns.name, &sink, &window);
     let mut observer = Observer::start("backfill-owed", &args, None).await;
-    let uid = create_taskrun(
-        &client,
-        &ns.name,
-        taskrun_manifest("v1", "held", &[ok("build")], None),
-    )
-    .await;
     // It finishes, its events are refused, and the window passes while the
     // observer runs; then the observer stops (and writes its watermark).
-    outwait_window(completion_time(
-        &wait_finished(&client, &ns.name, "held").await,
-    ))
-    .await;
+    let uid = finished_longer_than_the_window_ago(&client, &ns.name, "held", &[ok("build")]).await;
     assert!(
         observer.terminate(Duration::from_secs(25)).await,
         "the observer exits on SIGTERM; log:\n{}",
