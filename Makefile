@@ -6,7 +6,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build fmt fmt-check lint unit e2e test test-matrix demo bench cluster-up cluster-down tools fuzz
+.PHONY: all build fmt fmt-check lint unit e2e test test-matrix demo bench perf cluster-up cluster-down tools fuzz
 
 all: build
 
@@ -73,7 +73,25 @@ demo: tools
 	hack/demo
 
 bench: tools
-	$(CARGO) bench --bench decide
+	$(CARGO) bench --bench decide --bench delivery
+
+# Benchmarks on the local cluster, side by side with Tekton's own events
+# (hack/perf): latency, throughput, memory, API load and CPU, plus the
+# delivery engine alone (benches/delivery.rs). Writes BENCHMARKS.md and
+# docs/perf/*.svg from one run. Not part of `make test`: it takes about
+# 15 minutes and its figures are measurements, not pass/fail checks.
+# Reuses a running cluster (it needs the audit log hack/cluster keeps),
+# else brings one up and takes it down after. `make perf PERF_ARGS=--scenarios=latency`
+# runs one scenario (the report then says the others were not measured).
+PERF_ARGS ?=
+perf: tools
+	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer
+	$(CARGO) build --release -p perf
+	if ! hack/cluster status >/dev/null 2>&1; then trap 'hack/cluster down' EXIT; hack/cluster up; fi; \
+	rm -rf target/criterion/delivery; \
+	hack/cluster exec -- $(CARGO) bench --offline --bench delivery; \
+	hack/cluster exec -- target/release/perf run $(PERF_ARGS); \
+	target/release/perf report
 
 cluster-up: tools
 	hack/cluster up

@@ -99,6 +99,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
     let mut reported_malformed = false;
     let mut patch_owed = false;
     let mut own_write: Option<OwnWrite> = None;
+    let mut first_pass = true;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let uid = snapshot.taskrun.uid.clone();
@@ -125,6 +126,15 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                 .entry(event_key(transition))
                 .or_insert(snapshot.seen_at.min(now));
         }
+        // Our own time on an event's path starts when its watch event
+        // arrived, or, if this worker was still busy with earlier events
+        // then, when it became free: that wait is the sink's, not ours.
+        let dispatch_origin = if first_pass {
+            snapshot.seen_at
+        } else {
+            snapshot.seen_at.max(now)
+        };
+        first_pass = false;
 
         let sink = match gate(&ctx, &mut snapshots).await {
             Gate::Open(sink) => sink,
@@ -140,12 +150,15 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         };
         let end = match ctx.delivery_slots.acquire().await {
             Ok(_permit) => {
+                ctx.metrics.record_delivery_round();
                 let round = Round {
                     ctx: &ctx,
                     snapshot: &snapshot,
                     sink: &sink,
                     first_seen: &first_seen,
                     pods: tokio::sync::Mutex::new(HashMap::new()),
+                    dispatch_origin,
+                    waited: IoWait::default(),
                 };
                 round.send_all(&owed, &mut pending, &mut log_waits).await
             }
@@ -301,6 +314,30 @@ struct Round<'a> {
     /// read), each read at most once per round, when a `started` event is
     /// built after its step ended.
     pods: tokio::sync::Mutex<HashMap<String, Option<Value>>>,
+    /// Where this round's dispatch time is counted from (see `run_worker`).
+    dispatch_origin: Instant,
+    /// Time this round spent waiting on the API server and the sink.
+    waited: IoWait,
+}
+
+/// Time spent waiting on I/O, summed across a round's awaits.
+#[derive(Default)]
+struct IoWait(std::sync::Mutex<Duration>);
+
+impl IoWait {
+    async fn around<T>(&self, io: impl std::future::Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = io.await;
+        let spent = start.elapsed();
+        if let Ok(mut total) = self.0.lock() {
+            *total += spent;
+        }
+        out
+    }
+
+    fn total(&self) -> Duration {
+        self.0.lock().map(|total| *total).unwrap_or_default()
+    }
 }
 
 impl Round<'_> {
@@ -330,9 +367,15 @@ impl Round<'_> {
                 return RoundEnd::Checkpoint;
             }
             let key = event_key(transition);
+            // Dispatch time is taken for events first owed in this round's
+            // update: a retried or carried-over one has waited on purpose.
+            let mut fresh = self.first_seen.get(&key) == Some(&self.snapshot.seen_at);
             // A retried event is sent exactly as before: same id, same log.
             let event = match pending.take() {
-                Some((pending_key, event)) if pending_key == key => event,
+                Some((pending_key, event)) if pending_key == key => {
+                    fresh = false;
+                    event
+                }
                 _ => match self.build(transition, log_waits.get(&key)).await {
                     Ok(Built::Event(event)) => {
                         log_waits.remove(&key);
@@ -351,7 +394,17 @@ impl Round<'_> {
                     }
                 },
             };
-            let outcome = ctx.sink_client.send(self.sink, &event).await;
+            if fresh {
+                let own = self
+                    .dispatch_origin
+                    .elapsed()
+                    .saturating_sub(self.waited.total());
+                ctx.metrics.observe_dispatch(transition.kind, own);
+            }
+            let outcome = self
+                .waited
+                .around(ctx.sink_client.send(self.sink, &event))
+                .await;
             let latency = self
                 .first_seen
                 .get(&key)
@@ -455,7 +508,10 @@ impl Round<'_> {
                 // sent again after a restart, is the one sent while the
                 // step ran. Step 0 starts when its container does.
                 if let Some(state) = step_state.filter(|s| s.get("terminated").is_some()) {
-                    let container_start = self.container_started_at(pod_name, &container).await;
+                    let container_start = self
+                        .waited
+                        .around(self.container_started_at(pod_name, &container))
+                        .await;
                     let at = container_start
                         .as_deref()
                         .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok());
@@ -469,7 +525,7 @@ impl Round<'_> {
             }
             StepEventKind::Skipped => StepLog::Unavailable("the step did not run".to_owned()),
             StepEventKind::Succeeded | StepEventKind::Failed => {
-                let log = match read_step_log(
+                let read = read_step_log(
                     &self.ctx.client,
                     LogLocation {
                         namespace: &self.snapshot.taskrun.namespace,
@@ -477,9 +533,8 @@ impl Round<'_> {
                         container: &container,
                     },
                     self.ctx.settings.log_limit_bytes,
-                )
-                .await
-                {
+                );
+                let log = match self.waited.around(read).await {
                     Ok(log) => log,
                     Err(error) if log_failing_since.is_none_or(|s| s.elapsed() < LOG_WAIT) => {
                         return Ok(Built::LogNotYet(error));

@@ -781,12 +781,25 @@ impl PodTask {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..PatchParams::default()
         };
-        match self
+        // Wall-clock times around the request: hack/perf compares them with
+        // when a watcher saw this resourceVersion.
+        let sent_at = Utc::now();
+        let written = self
             .pods
             .patch_status(&self.name, &params, &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => self.dirty = false,
+            .await;
+        let answered_at = Utc::now();
+        match written {
+            Ok(written) => {
+                self.dirty = false;
+                info!(
+                    pod = %format!("{}/{}", self.namespace, self.name),
+                    resource_version = %written.metadata.resource_version.as_deref().unwrap_or_default(),
+                    sent_at_unix_us = sent_at.timestamp_micros(),
+                    answered_at_unix_us = answered_at.timestamp_micros(),
+                    "pod status written"
+                );
+            }
             Err(kube::Error::Api(status)) if status.code == HTTP_NOT_FOUND => self.dirty = false,
             Err(error) => warn!(%error, "cannot write the pod's status; retrying"),
         }
