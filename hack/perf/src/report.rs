@@ -712,6 +712,9 @@ fn plot_latency(l: &crate::results::Latency, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reads one figure of a throughput stage.
+type StageFigure = fn(&crate::results::ThroughputStage) -> f64;
+
 fn plot_throughput(t: &crate::results::Throughput, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -741,7 +744,7 @@ fn plot_throughput(t: &crate::results::Throughput, path: &Path) -> Result<()> {
         .label_style((FONT, 12))
         .draw()
         .map_err(err)?;
-    let lines: [(&str, RGBColor, fn(&crate::results::ThroughputStage) -> f64); 3] = [
+    let lines: [(&str, RGBColor, StageFigure); 3] = [
         ("offered", RGBColor(127, 127, 127), |s| {
             s.offered_events_per_second
         }),

@@ -35,7 +35,10 @@ const LEDGER_IN_FLIGHT: usize = 16;
 
 /// Events owed once a status write was answered: (uid, step, started?) → when.
 #[derive(Clone, Default)]
-struct Owed(Arc<Mutex<HashMap<(String, String, bool), DateTime<Utc>>>>);
+struct Owed(Arc<Mutex<HashMap<OwedKey, DateTime<Utc>>>>);
+
+/// (TaskRun uid, step, whether it is the `started` event).
+type OwedKey = (String, String, bool);
 
 impl Owed {
     /// After the first write only the first step has started (the others
@@ -56,7 +59,7 @@ impl Owed {
     fn len(&self) -> usize {
         self.0.lock().map(|m| m.len()).unwrap_or_default()
     }
-    fn snapshot(&self) -> HashMap<(String, String, bool), DateTime<Utc>> {
+    fn snapshot(&self) -> HashMap<OwedKey, DateTime<Utc>> {
         self.0.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }

@@ -29,16 +29,19 @@ pub struct Seen {
     pub managed_fields_time: String,
 }
 
-/// (TaskRun uid, step name or "" for Finished, kind) → first seen.
+/// (TaskRun uid, step name or "" for Finished, kind).
+pub type TransitionKey = (String, String, Kind);
+
+/// Transition → first seen.
 #[derive(Clone, Default)]
 pub struct Transitions {
-    pub seen: Arc<Mutex<HashMap<(String, String, Kind), Seen>>>,
+    pub seen: Arc<Mutex<HashMap<TransitionKey, Seen>>>,
     /// TaskRun uid → name.
     pub names: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Transitions {
-    pub fn snapshot(&self) -> HashMap<(String, String, Kind), Seen> {
+    pub fn snapshot(&self) -> HashMap<TransitionKey, Seen> {
         self.seen.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
