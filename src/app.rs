@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::cli::{ApiVersionChoice, DisplayArgs, DisplayOutput, RunArgs};
-use crate::context::{Channels, Context, ControllerSettings};
+use crate::context::{Channels, Context, ControllerSettings, ListMode};
 use crate::controller;
 use crate::display::{DisplayFormat, DisplaySettings};
 use crate::error::{Error, Result};
@@ -167,6 +167,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let settings = ControllerSettings {
         namespaces: args.namespaces.clone(),
         label_selector: args.label_selector.clone(),
+        list: if args.streaming_list {
+            ListMode::Streaming
+        } else {
+            ListMode::Paged(args.list_page_size)
+        },
         events: EventSettings {
             type_prefix: args.type_prefix.clone(),
             source: args.source.clone(),

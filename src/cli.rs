@@ -64,6 +64,14 @@ fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
+fn at_least_one_u32(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Flags of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -74,6 +82,18 @@ pub struct RunArgs {
     /// Watch only TaskRuns matching this label selector (e.g. `team=ci`).
     #[arg(long, env = "TSO_LABEL_SELECTOR")]
     pub label_selector: Option<String>,
+
+    /// TaskRuns per page of the watch's initial list (and of each relist).
+    /// Smaller pages hold less in memory at once; more pages cost more
+    /// requests (BENCHMARKS.md, memory).
+    #[arg(long, env = "TSO_LIST_PAGE_SIZE", default_value_t = 500, value_parser = at_least_one_u32)]
+    pub list_page_size: u32,
+
+    /// Fill the watch with a streaming list (Kubernetes' WatchList, on by
+    /// default from 1.34) instead of paged LISTs: objects arrive one by one,
+    /// so no page is held in memory at once.
+    #[arg(long, env = "TSO_STREAMING_LIST")]
+    pub streaming_list: bool,
 
     /// Send events here instead of the sink Tekton is configured with.
     #[arg(long, env = "TSO_SINK")]

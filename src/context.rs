@@ -35,6 +35,8 @@ pub struct ControllerSettings {
     pub namespaces: Vec<String>,
     /// Label selector on TaskRuns.
     pub label_selector: Option<String>,
+    /// How the TaskRun watch lists: page size, or a streaming list.
+    pub list: ListMode,
     /// How events are named.
     pub events: EventSettings,
     /// How events are sent.
@@ -378,4 +380,13 @@ mod tests {
         assert!(not_older_than(None, "42"));
         assert!(not_older_than(Some("41"), "x"));
     }
+}
+
+/// How a watch fills itself at start and after a gap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListMode {
+    /// Paged LISTs of this many objects.
+    Paged(u32),
+    /// One streaming list (WatchList): objects one at a time.
+    Streaming,
 }

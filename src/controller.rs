@@ -31,7 +31,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::context::{Context, Owing, Snapshot, owed_count, owing};
+use crate::context::{Context, ListMode, Owing, Snapshot, owed_count, owing};
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::server::Readiness;
@@ -368,7 +368,10 @@ fn taskrun_events(
     scopes: &[Scope],
 ) -> impl futures::Stream<Item = (usize, Result<watcher::Event<TaskRun>, watcher::Error>)> + Send + use<>
 {
-    let mut config = watcher::Config::default();
+    let mut config = match ctx.settings.list {
+        ListMode::Paged(size) => watcher::Config::default().page_size(size),
+        ListMode::Streaming => watcher::Config::default().streaming_lists(),
+    };
     if let Some(selector) = &ctx.settings.label_selector {
         config = config.labels(selector);
     }

@@ -8,6 +8,16 @@ use clap::Parser;
 use tekton_step_observer::cli::{Cli, Command, LogFormat};
 use tekton_step_observer::{app, display, inspect};
 
+// The allocator is chosen by feature (Cargo.toml); BENCHMARKS.md's memory
+// section measures each.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

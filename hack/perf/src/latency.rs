@@ -123,12 +123,16 @@ fn first_arrivals(arrivals: &[Arrival]) -> (HashMap<String, Arrival>, usize) {
     (first, duplicates)
 }
 
-pub async fn run(env: &Env, rate: f64, seconds: f64) -> Result<Output> {
-    let ns = env.namespace("latency");
+/// `nice`: run the observer at this scheduling priority (the dispatch check).
+pub async fn run(env: &Env, rate: f64, seconds: f64, nice: Option<i32>) -> Result<Output> {
+    let ns = match nice {
+        None => env.namespace("latency"),
+        Some(_) => env.namespace("latency-niced"),
+    };
     k8s::create_namespace(&env.client, &ns, &env.run_id).await?;
     let (addr, received) = receiver::start().await?;
     let sink = ConfigEventsSink::set(&env.client, &format!("http://{addr}/")).await?;
-    let outcome = measure(env, &ns, rate, seconds, &received).await;
+    let outcome = measure(env, &ns, rate, seconds, &received, nice).await;
     sink.restore().await?;
     outcome
 }
@@ -139,13 +143,20 @@ async fn measure(
     rate: f64,
     seconds: f64,
     received: &receiver::Received,
+    nice: Option<i32>,
 ) -> Result<Output> {
     let audit = AuditLog::new(&env.cluster_dir)?;
-    let observer = Observer::start(
+    let observer = Observer::start_niced(
         &env.observer_bin,
         &env.observer_kubeconfig,
-        env.observer_log("latency"),
+        env.observer_log(if nice.is_some() {
+            "latency-niced"
+        } else {
+            "latency"
+        }),
         &["--namespace".to_owned(), ns.to_owned()],
+        &[],
+        nice,
     )
     .await?;
     let (transitions, taskrun_watch) = transitions::watch_taskruns(&env.client, ns);

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use perf::results::{Machine, Meta, Results};
+use perf::results::{DispatchCheck, Machine, Meta, Results};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs the scenarios against the cluster of KUBECONFIG.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Renders the results into Markdown and SVG plots.
     Report {
         #[arg(long, default_value = "target/perf/results.json")]
@@ -46,11 +46,24 @@ enum Command {
     },
 }
 
+/// The dispatch check's `nice` level: well above the cluster's (0).
+const DISPATCH_CHECK_NICE: i32 = -15;
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// The observer build to measure (a release build).
     #[arg(long, default_value = "target/release/tekton-step-observer")]
     observer: PathBuf,
+    /// What the observer build is, in words (its allocator), for the report.
+    #[arg(long, default_value = "mimalloc")]
+    observer_name: String,
+    /// The observer built with glibc's malloc (`--no-default-features`):
+    /// the memory scenario also measures it, with and without glibc's settings.
+    #[arg(long)]
+    glibc_build: Option<PathBuf>,
+    /// The observer built with jemalloc: the memory scenario also measures it.
+    #[arg(long)]
+    jemalloc_build: Option<PathBuf>,
     /// The local cluster's state directory.
     #[arg(long, env = "TSO_CLUSTER_DIR", default_value = ".cluster")]
     cluster_dir: PathBuf,
@@ -70,6 +83,11 @@ struct RunArgs {
     /// Latency scenario: for how long.
     #[arg(long, default_value_t = 120.0)]
     latency_seconds: f64,
+    /// After the latency scenario, run it again for this long with the
+    /// observer at a higher scheduling priority, to see what its dispatch
+    /// tail owes to waiting for a CPU (0: don't).
+    #[arg(long, default_value_t = 60.0)]
+    dispatch_check_seconds: f64,
     /// Throughput scenario: offered events per second of each stage.
     #[arg(
         long,
@@ -100,7 +118,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Report {
             results,
             markdown,
@@ -176,6 +194,17 @@ async fn run(args: RunArgs) -> Result<()> {
         run_id: chrono::Utc::now().format("%H%M%S").to_string(),
         work_dir: args.out.clone(),
         tekton_version: std::env::var("TEKTON_VERSION").unwrap_or_default(),
+        observer_name: args.observer_name.clone(),
+        glibc_build: args
+            .glibc_build
+            .as_deref()
+            .map(canonical_build)
+            .transpose()?,
+        jemalloc_build: args
+            .jemalloc_build
+            .as_deref()
+            .map(canonical_build)
+            .transpose()?,
     };
     let mut results = Results {
         meta: Meta {
@@ -191,11 +220,30 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
     if wants("latency") {
-        let out = latency::run(&env, args.latency_rate, args.latency_seconds).await?;
+        let out = latency::run(&env, args.latency_rate, args.latency_seconds, None).await?;
         results.latency = Some(out.latency);
         results.api_load = Some(out.api_load);
         results.cpu = Some(out.cpu);
         save(&args, &results)?;
+        if args.dispatch_check_seconds > 0.0 {
+            // The same workload, the observer alone at a higher scheduling
+            // priority: if its dispatch tail shrinks, the tail above was
+            // its threads waiting for a CPU, not its own work.
+            let niced = latency::run(
+                &env,
+                args.latency_rate,
+                args.dispatch_check_seconds,
+                Some(DISPATCH_CHECK_NICE),
+            )
+            .await?;
+            results.dispatch_check = Some(DispatchCheck {
+                nice: DISPATCH_CHECK_NICE,
+                duration_seconds: args.dispatch_check_seconds,
+                dispatch_started: niced.latency.dispatch_started,
+                dispatch_terminal: niced.latency.dispatch_terminal,
+            });
+            save(&args, &results)?;
+        }
     }
     if wants("throughput") {
         let (throughput, ledger) =
@@ -213,6 +261,10 @@ async fn run(args: RunArgs) -> Result<()> {
     save(&args, &results)?;
     info!(seconds = results.meta.duration_seconds, "perf run done");
     Ok(())
+}
+
+fn canonical_build(path: &std::path::Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{} (make perf builds it)", path.display()))
 }
 
 fn save(args: &RunArgs, results: &Results) -> Result<()> {

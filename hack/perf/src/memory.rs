@@ -19,18 +19,6 @@ use crate::receiver;
 use crate::statuswriter as sw;
 
 const WRITER_CONCURRENCY: usize = 64;
-/// Allocator settings tried on the largest finished case.
-const VARIANTS: &[(&str, &[(&str, &str)])] = &[
-    ("MALLOC_ARENA_MAX=2", &[("MALLOC_ARENA_MAX", "2")]),
-    ("MALLOC_ARENA_MAX=1", &[("MALLOC_ARENA_MAX", "1")]),
-    (
-        "MALLOC_ARENA_MAX=2, MALLOC_TRIM_THRESHOLD_=131072",
-        &[
-            ("MALLOC_ARENA_MAX", "2"),
-            ("MALLOC_TRIM_THRESHOLD_", "131072"),
-        ],
-    ),
-];
 const SETTLE_DEADLINE: Duration = Duration::from_secs(600);
 /// After the observer has everything in memory, let its allocator and
 /// watch buffers settle before reading RSS.
@@ -150,27 +138,55 @@ pub async fn run(env: &Env, finished: &[usize], running: usize) -> Result<Memory
         observer.stop()?;
     }
 
-    // Variants on the largest finished case: glibc's malloc keeps one arena
-    // per thread that touched the heap, so decoding the list on several
-    // runtime threads can leave memory behind; fewer arenas trade that for
-    // contention.
+    // Variants, each measured idle and on the largest finished case. One
+    // that cannot run here (say, a list mode the API server lacks) is
+    // recorded as such and the scenario goes on.
     let mut variants = Vec::new();
-    for (name, env_vars) in VARIANTS {
-        let observer = Observer::start_with_env(
-            &env.observer_bin,
-            &env.observer_kubeconfig,
-            env.observer_log(&format!("memory-variant-{name}")),
-            &observer_args(&ns),
-            env_vars,
-        )
-        .await?;
-        let case = settle_and_measure(&observer, name, have, have, true).await?;
-        observer.stop()?;
-        variants.push(MemoryVariant {
-            name: (*name).to_owned(),
-            taskruns_in_cluster: have,
-            rss_bytes: case.rss_bytes,
-            peak_rss_bytes: case.peak_rss_bytes,
+    for variant in env.memory_variants() {
+        let measured = async {
+            let mut rss = Vec::new();
+            for (case_ns, in_cluster, label) in [(&idle_ns, 0, "idle"), (&ns, have, "finished")] {
+                let mut args = observer_args(case_ns);
+                args.extend(variant.args.iter().cloned());
+                let vars: Vec<(&str, &str)> = variant
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let observer = Observer::start_with_env(
+                    &variant.binary,
+                    &env.observer_kubeconfig,
+                    env.observer_log(&format!("memory-variant-{}-{label}", variant.slug())),
+                    &args,
+                    &vars,
+                )
+                .await?;
+                let name = format!("{} ({label})", variant.name);
+                let case = settle_and_measure(&observer, &name, in_cluster, in_cluster, true).await;
+                observer.stop()?;
+                rss.push(case?);
+            }
+            anyhow::Ok((rss[0].rss_bytes, rss[1].rss_bytes, rss[1].peak_rss_bytes))
+        }
+        .await;
+        variants.push(match measured {
+            Ok((idle, rss, peak)) => MemoryVariant {
+                name: variant.name.clone(),
+                taskruns_in_cluster: have,
+                rss_bytes: rss,
+                peak_rss_bytes: peak,
+                idle_rss_bytes: Some(idle),
+                error: None,
+            },
+            Err(error) => {
+                tracing::warn!(variant = %variant.name, %error, "memory: variant failed");
+                MemoryVariant {
+                    name: variant.name.clone(),
+                    taskruns_in_cluster: have,
+                    error: Some(format!("{error:#}")),
+                    ..MemoryVariant::default()
+                }
+            }
         });
     }
 
@@ -250,5 +266,6 @@ pub async fn run(env: &Env, finished: &[usize], running: usize) -> Result<Memory
         cases,
         bytes_per_tracked_taskrun: bytes_per,
         variants,
+        default_build: env.observer_name.clone(),
     })
 }

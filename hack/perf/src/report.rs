@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
-use crate::results::{Distribution, HistogramBounds, Results};
+use crate::results::{DispatchCheck, Distribution, HistogramBounds, Results};
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// The font the plots' text is measured and written with. plotters needs the
@@ -303,6 +303,24 @@ fn latency(out: &mut String, r: &Results, plots: &str) {
     );
     bounds_row(out, "`started`", &l.dispatch_started);
     bounds_row(out, "terminal", &l.dispatch_terminal);
+    if let Some(c) = &r.dispatch_check {
+        bounds_row(
+            out,
+            &format!(
+                "`started`, observer at nice {} ({:.0} s)",
+                c.nice, c.duration_seconds
+            ),
+            &c.dispatch_started,
+        );
+        bounds_row(
+            out,
+            &format!(
+                "terminal, observer at nice {} ({:.0} s)",
+                c.nice, c.duration_seconds
+            ),
+            &c.dispatch_terminal,
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -332,7 +350,7 @@ fn latency(out: &mut String, r: &Results, plots: &str) {
     let _ = writeln!(out, "![latency]({plots}/latency.svg)\n");
     let _ = writeln!(
         out,
-        "**What limits us.** Our `started` events arrive {} after the harness saw the transition at the median ({} at p99); our terminal events, which read the step's log through the API server and the kubelet first, {} ({} at p99). Tekton's own TaskRun events arrive {} after their condition changed at the median: ours are {} of that for `started` and {} for terminal events. The floor, the time any watcher needs to see a write, is {} at the median, and our own work on the path is at most {} at p99 (`started`) and {} (terminal): the rest of our latency is the API server's watch fan-out to two watchers (the harness and us), the log read and the sink's answer.\n",
+        "**What limits us.** Our `started` events arrive {} after the harness saw the transition at the median ({} at p99); our terminal events, which read the step's log through the API server and the kubelet first, {} ({} at p99). Tekton's own TaskRun events arrive {} after their condition changed at the median: ours are {} of that for `started` and {} for terminal events. The floor, the time any watcher needs to see a write, is {} at the median, and our own work on the path is at most {} at p99 (`started`) and {} (terminal): the rest of our latency is the API server's watch fan-out to two watchers (the harness and us), the log read and the sink's answer.{}\n",
         ms(l.observer_started.p50_ms),
         ms(l.observer_started.p99_ms),
         ms(l.observer_terminal.p50_ms),
@@ -343,7 +361,38 @@ fn latency(out: &mut String, r: &Results, plots: &str) {
         ms(l.watch_floor.p50_ms),
         ms(l.dispatch_started.p99_le_ms),
         ms(l.dispatch_terminal.p99_le_ms),
+        dispatch_check_verdict(l, r.dispatch_check.as_ref()),
     );
+}
+
+/// What the run at a higher priority says of the dispatch tail.
+fn dispatch_check_verdict(l: &crate::results::Latency, check: Option<&DispatchCheck>) -> String {
+    let Some(c) = check else {
+        return String::new();
+    };
+    let before = l
+        .dispatch_started
+        .p99_le_ms
+        .max(l.dispatch_terminal.p99_le_ms);
+    let after = c
+        .dispatch_started
+        .p99_le_ms
+        .max(c.dispatch_terminal.p99_le_ms);
+    let mean_before = l.dispatch_started.mean_ms.max(l.dispatch_terminal.mean_ms);
+    let mean_after = c.dispatch_started.mean_ms.max(c.dispatch_terminal.mean_ms);
+    let finding = if after < before {
+        "the tail shrinks when the observer's threads get the CPU first, so it is time spent waiting for a core on a machine the whole cluster shares (2 cores: API server, etcd, Tekton's controllers, the node agent and the harness), not the observer's own work"
+    } else {
+        "the tail stays when the observer's threads get the CPU first, so it is not (only) waiting for a core: it is in the observer's own path"
+    };
+    format!(
+        " Our dispatch p99 is at most {} (mean {}) as the cluster's processes share the CPU with us, and at most {} (mean {}) with the observer at nice {} on the same workload: {finding}.",
+        ms(before),
+        ms(mean_before),
+        ms(after),
+        ms(mean_after),
+        c.nice
+    )
 }
 
 fn throughput(out: &mut String, r: &Results, plots: &str) {
@@ -453,13 +502,26 @@ fn memory(out: &mut String, r: &Results, plots: &str) {
     if !mem.variants.is_empty() {
         let _ = writeln!(
             out,
-            "| variant | TaskRuns | RSS | peak RSS |\n|---|---|---|---|"
+            "Variants: other builds of the same revision (allocator) and other watch settings, each measured idle and with the largest finished case, the same way.\n\n| variant | RSS idle | TaskRuns | RSS | peak RSS |\n|---|---|---|---|---|"
         );
         for v in &mem.variants {
+            if let Some(error) = &v.error {
+                let _ = writeln!(
+                    out,
+                    "| {} | could not run: {} | {} | | |",
+                    v.name,
+                    error.replace('|', "/").replace('\n', " "),
+                    v.taskruns_in_cluster
+                );
+                continue;
+            }
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.1} MiB | {:.1} MiB |",
+                "| {} | {} | {} | {:.1} MiB | {:.1} MiB |",
                 v.name,
+                v.idle_rss_bytes
+                    .map(|b| format!("{:.1} MiB", b as f64 / MIB))
+                    .unwrap_or_else(|| "not measured".to_owned()),
                 v.taskruns_in_cluster,
                 v.rss_bytes as f64 / MIB,
                 v.peak_rss_bytes as f64 / MIB
@@ -475,7 +537,11 @@ fn memory(out: &mut String, r: &Results, plots: &str) {
         .collect();
     let smallest = finished.iter().min_by_key(|c| c.taskruns_in_cluster);
     let largest = finished.iter().max_by_key(|c| c.taskruns_in_cluster);
-    let best = mem.variants.iter().min_by_key(|v| v.rss_bytes);
+    let best = mem
+        .variants
+        .iter()
+        .filter(|v| v.error.is_none())
+        .min_by_key(|v| v.rss_bytes);
     let growth = match (smallest, largest) {
         (Some(s), Some(l)) if l.taskruns_in_cluster > s.taskruns_in_cluster => format!(
             "From {} to {} finished TaskRuns the settled RSS went from {:.1} to {:.1} MiB (peak {:.1} MiB): {}",
@@ -485,7 +551,7 @@ fn memory(out: &mut String, r: &Results, plots: &str) {
             l.rss_bytes as f64 / MIB,
             l.peak_rss_bytes as f64 / MIB,
             if l.rss_bytes <= s.rss_bytes + s.rss_bytes / 10 {
-                "it hardly grows with their number, so what is held above idle is not per TaskRun; most likely it is what decoding the initial list left in the allocator, which the allocator settings below change."
+                "it hardly grows with their number, so what is held above idle is not per TaskRun but what listing them left behind: the page being decoded and what the allocator keeps of it (the variants above change both)."
             } else {
                 "it grows with their number."
             }
@@ -496,12 +562,21 @@ fn memory(out: &mut String, r: &Results, plots: &str) {
         out,
         "**What limits us.** {growth} Running TaskRuns are tracked and cost {:.0} bytes each.{}\n",
         running_bytes(mem),
-        best.map(|v| format!(
-            " Of the allocator settings tried, `{}` left the least: {:.1} MiB (peak {:.1} MiB).",
-            v.name,
-            v.rss_bytes as f64 / MIB,
-            v.peak_rss_bytes as f64 / MIB
-        ))
+        best.map(|v| {
+            let default = largest.map(|c| c.rss_bytes).unwrap_or(u64::MAX);
+            format!(
+                " Of the variants tried, `{}` left the least: {:.1} MiB (peak {:.1} MiB), {} the default build{}.",
+                v.name,
+                v.rss_bytes as f64 / MIB,
+                v.peak_rss_bytes as f64 / MIB,
+                if v.rss_bytes < default { "below" } else { "not below" },
+                if mem.default_build.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", mem.default_build)
+                }
+            )
+        })
         .unwrap_or_default()
     );
 }

@@ -14,6 +14,19 @@ pub struct Results {
     pub cpu: Option<Cpu>,
     pub delivery_engine: Option<DeliveryEngine>,
     pub ledger_patch: Option<LedgerPatch>,
+    #[serde(default)]
+    pub dispatch_check: Option<DispatchCheck>,
+}
+
+/// The latency workload again, the observer at a higher scheduling
+/// priority: its dispatch histogram only.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DispatchCheck {
+    /// The observer's `nice` level (the cluster's processes run at 0).
+    pub nice: i32,
+    pub duration_seconds: f64,
+    pub dispatch_started: HistogramBounds,
+    pub dispatch_terminal: HistogramBounds,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -212,6 +225,9 @@ pub struct Memory {
     pub bytes_per_tracked_taskrun: f64,
     /// What was tried (allocator, watcher settings) and what each gave.
     pub variants: Vec<MemoryVariant>,
+    /// The measured default build, in words (its allocator).
+    #[serde(default)]
+    pub default_build: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -233,6 +249,13 @@ pub struct MemoryVariant {
     pub taskruns_in_cluster: usize,
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
+    /// The same build and settings with nothing in scope (absent in results
+    /// from before it was measured).
+    #[serde(default)]
+    pub idle_rss_bytes: Option<u64>,
+    /// Why it could not be measured, if it could not.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Scenario 4: requests the API server's audit log attributes to each client
