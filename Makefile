@@ -83,15 +83,16 @@ bench: tools
 # Reuses a running cluster (it needs the audit log hack/cluster keeps),
 # else brings one up and takes it down after. `make perf PERF_ARGS=--scenarios=latency`
 # runs one scenario (the report then says the others were not measured).
-# The memory scenario also measures the observer built with glibc's malloc
-# and with jemalloc (the default build has mimalloc; Cargo.toml).
+# The memory scenario also measures the observer built with mimalloc and
+# with jemalloc (Cargo.toml's features; the default build has the
+# platform's malloc, glibc's here).
 PERF_ARGS ?=
 PERF_BUILDS := target/perf/builds
 perf: tools
 	mkdir -p $(PERF_BUILDS)
-	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer --no-default-features
-	cp target/release/tekton-step-observer $(PERF_BUILDS)/glibc-malloc
-	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer --no-default-features --features jemalloc
+	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer --features mimalloc
+	cp target/release/tekton-step-observer $(PERF_BUILDS)/mimalloc
+	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer --features jemalloc
 	cp target/release/tekton-step-observer $(PERF_BUILDS)/jemalloc
 	$(CARGO) build --release --bin tekton-step-observer -p tekton-step-observer
 	$(CARGO) build --release -p perf
@@ -101,8 +102,9 @@ perf: tools
 	if ! hack/cluster status >/dev/null 2>&1; then trap 'hack/cluster down' EXIT; hack/cluster up; fi; \
 	rm -rf target/criterion/delivery; \
 	hack/cluster exec -- $(CARGO) bench --offline --bench delivery; \
-	hack/cluster exec -- target/release/perf run --observer-name mimalloc \
-	  --glibc-build $(PERF_BUILDS)/glibc-malloc --jemalloc-build $(PERF_BUILDS)/jemalloc $(PERF_ARGS); \
+	hack/cluster exec -- target/release/perf run --observer-name "glibc malloc" \
+	  --glibc-build target/release/tekton-step-observer \
+	  --other-build mimalloc=$(PERF_BUILDS)/mimalloc --other-build jemalloc=$(PERF_BUILDS)/jemalloc $(PERF_ARGS); \
 	target/release/perf report
 
 cluster-up: tools

@@ -18,8 +18,9 @@ use crate::event::EventSettings;
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Readiness};
-use crate::sink::SinkSettings;
+use crate::sink::{RetryPolicy, SinkClient, SinkSettings};
 use crate::sink_config::{self, SinkState};
+use crate::sink_credentials::{CREDENTIAL_RELOAD_INTERVAL, CredentialFiles};
 use crate::tekton::TektonVersion;
 use crate::watermark::{self, WatermarkLimit, WatermarkStore};
 
@@ -167,6 +168,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let settings = ControllerSettings {
         namespaces: args.namespaces.clone(),
         label_selector: args.label_selector.clone(),
+        event_types: args.event_types,
+        retry_policy: RetryPolicy {
+            limit: args.retry_limit,
+            timeout: args.retry_timeout,
+        },
+        dead_letter_sink: args.dead_letter_sink.clone(),
         list: if args.streaming_list {
             ListMode::Streaming
         } else {
@@ -180,6 +187,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sink: SinkSettings {
             timeout: args.sink_timeout,
             content_mode: args.format,
+            credentials: CredentialFiles {
+                ca_file: args.sink_ca_file.clone(),
+                client_cert: args.sink_client_cert.clone(),
+                client_key: args.sink_client_key.clone(),
+                token_file: args.sink_token_file.clone(),
+                signing_secret_file: args.sink_signing_secret_file.clone(),
+            },
             ..SinkSettings::default()
         },
         log_limit_bytes: args.log_limit_bytes,
@@ -203,6 +217,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         readiness.clone(),
     )?);
+
+    tokio::spawn(reload_sink_credentials(
+        ctx.sink_client.clone(),
+        sink_watch.ca_certs.clone(),
+        metrics.clone(),
+        readiness.clone(),
+    ));
 
     let (limit_tx, limit_rx) = watch::channel(WatermarkLimit::NotSynced);
     let keep_watermark = watermark
@@ -239,6 +260,43 @@ pub async fn run(args: RunArgs) -> Result<()> {
     leader_handle.shutdown().await;
     server.abort();
     result
+}
+
+/// Keeps the sink client's credentials current: the files every
+/// [`CREDENTIAL_RELOAD_INTERVAL`], `config-events`' CAs as they change. A
+/// reading that cannot be used leaves the client as it was, and says so in
+/// the log, a metric and `/readyz`.
+async fn reload_sink_credentials(
+    client: SinkClient,
+    mut config_ca: watch::Receiver<Option<String>>,
+    metrics: Metrics,
+    readiness: Readiness,
+) {
+    let mut tick = tokio::time::interval(CREDENTIAL_RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut config_ca_open = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = config_ca.changed(), if config_ca_open => {
+                config_ca_open = changed.is_ok();
+            }
+        }
+        let ca = config_ca.borrow_and_update().clone();
+        match client.reload(ca.as_deref()) {
+            Ok(false) => readiness.set_credentials_problem(None),
+            Ok(true) => {
+                info!("sink credentials changed; new requests use them");
+                metrics.record_credentials_reload(true);
+                readiness.set_credentials_problem(None);
+            }
+            Err(error) => {
+                warn!(%error, "cannot use the sink credentials as they are now; still using the previous ones");
+                metrics.record_credentials_reload(false);
+                readiness.set_credentials_problem(Some(error.to_string()));
+            }
+        }
+    }
 }
 
 /// Calls `apply` with the channel's value now and on every change.

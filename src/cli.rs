@@ -3,12 +3,14 @@
 //! either.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::event::{DEFAULT_DATASCHEMA_BASE, DEFAULT_LOG_LIMIT_BYTES, DEFAULT_TYPE_PREFIX};
 use crate::sink::ContentMode;
+use crate::step_event::EventTypes;
 
 /// Emits a CloudEvent for every step transition of every Tekton TaskRun.
 #[derive(Debug, Parser)]
@@ -72,6 +74,10 @@ fn at_least_one_u32(text: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_sink_flag(text: &str) -> Result<url::Url, String> {
+    crate::sink_config::parse_sink_url(text.trim())
+}
+
 /// Flags of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -88,6 +94,11 @@ pub struct RunArgs {
     /// requests (BENCHMARKS.md, memory).
     #[arg(long, env = "TSO_LIST_PAGE_SIZE", default_value_t = 500, value_parser = at_least_one_u32)]
     pub list_page_size: u32,
+
+    /// Only these step event types are owed, sent and recorded, comma-
+    /// separated: started, succeeded, failed, skipped (default all).
+    #[arg(long, env = "TSO_EVENT_TYPES", value_parser = EventTypes::parse, default_value = "started,succeeded,failed,skipped")]
+    pub event_types: EventTypes,
 
     /// Fill the watch with a streaming list (Kubernetes' WatchList, on by
     /// default from 1.34) instead of paged LISTs: objects arrive one by one,
@@ -150,6 +161,50 @@ pub struct RunArgs {
     /// Keep it under the Deployment's terminationGracePeriodSeconds (30 s).
     #[arg(long, env = "TSO_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Send events the sink did not take here, with Knative's error
+    /// extensions: those the sink refused for good, and those the retry
+    /// policy gave up on. Reached with the sink's TLS settings and
+    /// credentials. Tekton's config-events has no place for it.
+    #[arg(long, env = "TSO_DEAD_LETTER_SINK", value_parser = parse_sink_flag)]
+    pub dead_letter_sink: Option<url::Url>,
+
+    /// Give up on an event after this many retries (the first attempt not
+    /// counted). Unset: never give up.
+    #[arg(long, env = "TSO_RETRY_LIMIT")]
+    pub retry_limit: Option<u32>,
+
+    /// Give up on an event this long after its first failed attempt.
+    /// Unset: never give up.
+    #[arg(long, env = "TSO_RETRY_TIMEOUT", value_parser = parse_duration)]
+    pub retry_timeout: Option<Duration>,
+
+    /// PEM bundle of CAs to trust for an https sink, on top of the system's
+    /// trust store (and of key `sink.CACerts` of `config-events`). Read
+    /// again when it changes.
+    #[arg(long, env = "TSO_SINK_CA_FILE")]
+    pub sink_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate (chain) for a sink that asks for one (mTLS).
+    /// Read again when it changes, like a mounted Secret.
+    #[arg(long, env = "TSO_SINK_CLIENT_CERT", requires = "sink_client_key")]
+    pub sink_client_cert: Option<PathBuf>,
+
+    /// PEM private key of `--sink-client-cert`.
+    #[arg(long, env = "TSO_SINK_CLIENT_KEY", requires = "sink_client_cert")]
+    pub sink_client_key: Option<PathBuf>,
+
+    /// File with a bearer token for the sink (`Authorization: Bearer`), for
+    /// example a projected ServiceAccount token with the sink's audience.
+    /// Read again when it changes.
+    #[arg(long, env = "TSO_SINK_TOKEN_FILE")]
+    pub sink_token_file: Option<PathBuf>,
+
+    /// File with Standard Webhooks signing secrets (`whsec_...`), separated
+    /// by whitespace: every event is signed with each (two during a
+    /// rotation). Read again when it changes.
+    #[arg(long, env = "TSO_SINK_SIGNING_SECRET_FILE")]
+    pub sink_signing_secret_file: Option<PathBuf>,
 
     /// Time allowed for one request to the sink.
     #[arg(long, env = "TSO_SINK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -265,6 +320,16 @@ mod tests {
         assert_eq!(args.tekton_namespace, "tekton-pipelines");
         assert!(args.namespaces.is_empty());
         assert_eq!(args.format, ContentMode::Binary);
+        assert_eq!(args.event_types, EventTypes::default());
+        assert_eq!(
+            (args.retry_limit, args.retry_timeout),
+            (None, None),
+            "never give up"
+        );
+        assert!(args.dead_letter_sink.is_none());
+        assert_eq!(args.list_page_size, 500);
+        assert!(!args.streaming_list);
+        assert!(args.sink_ca_file.is_none() && args.sink_token_file.is_none());
     }
 
     #[test]
@@ -286,6 +351,11 @@ mod tests {
             ["--backfill-window", "soon"],
             ["--max-concurrent-deliveries", "0"],
             ["--format", "xml"],
+            ["--event-types", "finished"],
+            ["--dead-letter-sink", "ftp://example.com/"],
+            ["--list-page-size", "0"],
+            ["--retry-timeout", "soon"],
+            ["--sink-client-cert", "/only/the/cert.pem"],
         ] {
             let argv = ["tekton-step-observer", "run", bad[0], bad[1]];
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");

@@ -20,8 +20,9 @@ use crate::event::EventSettings;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::server::Readiness;
-use crate::sink::{SinkClient, SinkSettings};
+use crate::sink::{RetryPolicy, SinkClient, SinkSettings};
 use crate::sink_config::SinkState;
+use crate::step_event::EventTypes;
 use crate::steps::{RunPhase, Transition, owed_transitions, run_facts};
 use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
 
@@ -37,6 +38,12 @@ pub struct ControllerSettings {
     pub label_selector: Option<String>,
     /// How the TaskRun watch lists: page size, or a streaming list.
     pub list: ListMode,
+    /// The kinds of step event owed (`--event-types`).
+    pub event_types: EventTypes,
+    /// When to give up on an event (`--retry-limit`, `--retry-timeout`).
+    pub retry_policy: RetryPolicy,
+    /// Where events go that the sink did not take (`--dead-letter-sink`).
+    pub dead_letter_sink: Option<url::Url>,
     /// How events are named.
     pub events: EventSettings,
     /// How events are sent.
@@ -260,6 +267,8 @@ pub struct Snapshot {
     pub annotations_present: bool,
     /// The TaskRun is gone.
     pub deleted: bool,
+    /// It opted out of step events (`tekton.plugin.step-observer/skip`).
+    pub opted_out: bool,
     /// When the watch delivered it.
     pub seen_at: Instant,
 }
@@ -302,6 +311,12 @@ pub enum Owing {
 /// process settled: the one place that decides it, for the watch tracker
 /// (whether to run a worker) and the delivery worker (what to send) alike.
 pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
+    if snapshot.opted_out {
+        return Owing::Events(Owed {
+            transitions: Vec::new(),
+            malformed_ledger: None,
+        });
+    }
     let Ok(facts) = run_facts(snapshot.status.as_ref()) else {
         return Owing::Undecided;
     };
@@ -315,8 +330,10 @@ pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
         return Owing::LeftAlone;
     }
     ledger.merge(&remembered);
+    let mut transitions = owed_transitions(&facts, &ledger);
+    transitions.retain(|t| ctx.settings.event_types.contains(t.kind));
     Owing::Events(Owed {
-        transitions: owed_transitions(&facts, &ledger),
+        transitions,
         malformed_ledger,
     })
 }

@@ -127,6 +127,7 @@ struct Tracker {
 
 impl Tracker {
     fn snapshot(&self, mut taskrun: TaskRun, deleted: bool) -> Option<Arc<Snapshot>> {
+        let opted_out = crate::tekton::opted_out(&taskrun.metadata);
         strip_for_cache(&mut taskrun);
         let reference = match TaskRunRef::from_meta(&taskrun.metadata, self.ctx.version) {
             Ok(reference) => reference,
@@ -145,6 +146,7 @@ impl Tracker {
             taskrun: reference,
             status: taskrun.status,
             deleted,
+            opted_out,
             seen_at: Instant::now(),
         }))
     }
@@ -422,6 +424,13 @@ pub async fn run(
             event = events.next() => match event {
                 Some((scope, Ok(watcher::Event::Apply(taskrun) | watcher::Event::InitApply(taskrun)))) => {
                     tracker.on_apply(scope, taskrun);
+                    // NB: a worker this spawned or woke waits in this
+                    // thread's LIFO slot, which other runtime threads
+                    // cannot steal from, until this task yields; without a
+                    // yield it waits for every watch event already buffered
+                    // to be decoded and handled, milliseconds in a burst
+                    // (BENCHMARKS.md, dispatch).
+                    tokio::task::yield_now().await;
                 }
                 Some((_, Ok(watcher::Event::Delete(taskrun)))) => tracker.on_delete(taskrun),
                 Some((scope, Ok(watcher::Event::Init))) => tracker.on_list_start(scope),

@@ -22,7 +22,7 @@ use crate::event::{EventInput, StepLog, build_event, state_as_started};
 use crate::ledger::{Ledger, Settlement, compare_and_swap_patch, patch_did_not_apply};
 use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
-use crate::sink::{DeliveryOutcome, RetryReason, retry_delay};
+use crate::sink::{DeliveryOutcome, RetryPolicy, RetryReason, dead_letter_event, retry_delay};
 use crate::step_event::StepEventKind;
 use crate::steps::{Transition, run_facts};
 use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef};
@@ -55,6 +55,31 @@ enum RoundEnd {
     NotLeader,
     /// The process is stopping: nothing more is sent.
     Stopping,
+}
+
+/// What a worker remembers of failed sends, for its retry policy.
+#[derive(Default)]
+struct Retries {
+    /// Per event: failed attempts so far and when the first failed.
+    failures: HashMap<EventKey, (u32, Instant)>,
+    /// Events given up on, owed to the dead-letter sink, as they go there.
+    dead_letters: HashMap<EventKey, Event>,
+}
+
+/// What a Warning Event says about a held event, by retry policy.
+fn held_note(ctx: &Context) -> &'static str {
+    match (
+        ctx.settings.retry_policy == RetryPolicy::default(),
+        ctx.settings.dead_letter_sink.is_some(),
+    ) {
+        (true, _) => "The event is held and retried; nothing is dropped.",
+        (false, true) => {
+            "The event is retried until the retry policy gives up, then goes to the dead-letter sink."
+        }
+        (false, false) => {
+            "The event is retried until the retry policy gives up, then dropped (no dead-letter sink)."
+        }
+    }
 }
 
 /// A round stops to write the ledger after this many settled events, or
@@ -96,6 +121,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
     let mut first_seen: HashMap<EventKey, Instant> = HashMap::new();
     let mut pending: Option<(EventKey, Event)> = None;
     let mut log_waits = HashMap::new();
+    let mut retries = Retries::default();
     let mut reported_malformed = false;
     let mut patch_owed = false;
     let mut own_write: Option<OwnWrite> = None;
@@ -160,7 +186,9 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     dispatch_origin,
                     waited: IoWait::default(),
                 };
-                round.send_all(&owed, &mut pending, &mut log_waits).await
+                round
+                    .send_all(&owed, &mut pending, &mut log_waits, &mut retries)
+                    .await
             }
             // Closed only when the process is going down.
             Err(_) => return,
@@ -346,6 +374,7 @@ impl Round<'_> {
         owed: &[Transition],
         pending: &mut Option<(EventKey, Event)>,
         log_waits: &mut HashMap<EventKey, Instant>,
+        retries: &mut Retries,
     ) -> RoundEnd {
         let ctx = self.ctx;
         let taskrun = &self.snapshot.taskrun;
@@ -367,6 +396,26 @@ impl Round<'_> {
                 return RoundEnd::Checkpoint;
             }
             let key = event_key(transition);
+            // Given up on earlier and still owed to the dead-letter sink.
+            if let Some(dead) = retries.dead_letters.remove(&key)
+                && let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink
+            {
+                let latency = self
+                    .first_seen
+                    .get(&key)
+                    .map(Instant::elapsed)
+                    .unwrap_or_default();
+                match self
+                    .send_dead_letter(transition, dead_letter_sink, dead, latency, retries)
+                    .await
+                {
+                    Some(end) => return end,
+                    None => {
+                        settled += 1;
+                        continue;
+                    }
+                }
+            }
             // Dispatch time is taken for events first owed in this round's
             // update: a retried or carried-over one has waited on purpose.
             let mut fresh = self.first_seen.get(&key) == Some(&self.snapshot.seen_at);
@@ -411,18 +460,19 @@ impl Round<'_> {
                 .map(Instant::elapsed)
                 .unwrap_or_default();
             let kind = transition.kind;
+            let tls_failure = outcome.tls_failure().map(str::to_owned);
             match outcome {
                 DeliveryOutcome::Delivered { status } => {
                     ctx.readiness.set_sink_refusal(None);
+                    ctx.readiness.set_sink_tls_failure(None);
+                    retries.failures.remove(&key);
                     self.settle(transition, Settlement::Delivered);
                     settled += 1;
                     ctx.metrics.record_delivered(kind, latency);
                     info!(taskrun = %taskrun.key(), step = %transition.step_name, event = transition.kind.as_str(), status, "event delivered");
                 }
                 DeliveryOutcome::Rejected { status, body } => {
-                    self.settle(transition, Settlement::Rejected);
-                    settled += 1;
-                    ctx.metrics.record_rejected(kind, latency);
+                    retries.failures.remove(&key);
                     let note = format!(
                         "The sink refused the {} event of step {} with HTTP {status}: {body}",
                         transition.kind.as_str(),
@@ -430,6 +480,20 @@ impl Round<'_> {
                     );
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, status, %body, "sink rejected the event for good");
                     publish_warning(ctx, taskrun, "EventRejected", note).await;
+                    if let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink {
+                        let dead = dead_letter_event(&event, self.sink, Some(status), &body);
+                        match self
+                            .send_dead_letter(transition, dead_letter_sink, dead, latency, retries)
+                            .await
+                        {
+                            Some(end) => return end,
+                            None => settled += 1,
+                        }
+                    } else {
+                        self.settle(transition, Settlement::Rejected);
+                        settled += 1;
+                        ctx.metrics.record_rejected(kind, latency);
+                    }
                 }
                 DeliveryOutcome::Unencodable { reason } => {
                     self.settle(transition, Settlement::Rejected);
@@ -442,24 +506,133 @@ impl Round<'_> {
                     reason,
                     detail,
                     retry_after,
+                    status,
                 } => {
+                    let held = held_note(ctx);
+                    if let Some(tls) = &tls_failure {
+                        ctx.readiness.set_sink_tls_failure(Some(tls.to_owned()));
+                        let note = format!(
+                            "The TLS handshake with the sink failed while sending the {} event of step {}: {tls}. {held} If the sink's certificate comes from a private CA, trust it with --sink-ca-file or key sink.CACerts of ConfigMap config-events.",
+                            transition.kind.as_str(),
+                            transition.step_name
+                        );
+                        publish_warning(ctx, taskrun, "SinkTLSFailed", note).await;
+                    }
                     ctx.metrics.record_retry(reason);
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "sink did not take the event; will retry");
                     if reason == RetryReason::Unauthorized {
                         ctx.readiness.set_sink_refusal(Some(detail.clone()));
                         let note = format!(
-                            "The sink refused the {} event of step {} ({detail}): its credentials or configuration are wrong. The event is held and retried; nothing is dropped.",
+                            "The sink refused the {} event of step {} ({detail}): its credentials or configuration are wrong. {held}",
                             transition.kind.as_str(),
                             transition.step_name
                         );
                         publish_warning(ctx, taskrun, "SinkUnauthorized", note).await;
                     }
-                    *pending = Some((key, event));
-                    return RoundEnd::RetryAfter(retry_after.unwrap_or_default());
+                    let failures = retries
+                        .failures
+                        .entry(key)
+                        .or_insert_with(|| (0, Instant::now()));
+                    failures.0 = failures.0.saturating_add(1);
+                    let (failed, since) = (failures.0, failures.1.elapsed());
+                    if !ctx.settings.retry_policy.gives_up(failed, since) {
+                        *pending = Some((key, event));
+                        return RoundEnd::RetryAfter(retry_after.unwrap_or_default());
+                    }
+                    retries.failures.remove(&key);
+                    let why = format!(
+                        "gave up after {failed} failed attempt{} over {} ({detail})",
+                        if failed == 1 { "" } else { "s" },
+                        humantime::format_duration(Duration::from_secs(since.as_secs()))
+                    );
+                    if let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink {
+                        warn!(taskrun = %taskrun.key(), step = %transition.step_name, %why, "sending the event to the dead-letter sink");
+                        let dead = dead_letter_event(&event, self.sink, status, &detail);
+                        match self
+                            .send_dead_letter(transition, dead_letter_sink, dead, latency, retries)
+                            .await
+                        {
+                            Some(end) => return end,
+                            None => settled += 1,
+                        }
+                    } else {
+                        self.settle(transition, Settlement::Dropped);
+                        settled += 1;
+                        ctx.metrics.record_dropped(kind, latency);
+                        let note = format!(
+                            "The {} event of step {} was dropped: the retry policy {why}, and no --dead-letter-sink is configured.",
+                            transition.kind.as_str(),
+                            transition.step_name
+                        );
+                        warn!(taskrun = %taskrun.key(), step = %transition.step_name, %why, "dropped the event");
+                        publish_warning(ctx, taskrun, "EventDropped", note).await;
+                    }
                 }
             }
         }
         RoundEnd::Settled
+    }
+
+    /// Sends an event the sink did not take to the dead-letter sink. `None`
+    /// when that settled it; otherwise how the round ends (the dead-letter
+    /// sink is retried like the sink, forever: it is the last resort).
+    async fn send_dead_letter(
+        &self,
+        transition: &Transition,
+        dead_letter_sink: &url::Url,
+        dead: Event,
+        latency: Duration,
+        retries: &mut Retries,
+    ) -> Option<RoundEnd> {
+        let ctx = self.ctx;
+        let taskrun = &self.snapshot.taskrun;
+        let outcome = self
+            .waited
+            .around(ctx.sink_client.send(dead_letter_sink, &dead))
+            .await;
+        match outcome {
+            DeliveryOutcome::Delivered { status } => {
+                self.settle(transition, Settlement::DeadLettered);
+                ctx.metrics.record_dead_lettered(transition.kind, latency);
+                info!(taskrun = %taskrun.key(), step = %transition.step_name, event = transition.kind.as_str(), status, "event delivered to the dead-letter sink");
+                let note = format!(
+                    "The {} event of step {} went to the dead-letter sink {dead_letter_sink}: the sink did not take it.",
+                    transition.kind.as_str(),
+                    transition.step_name
+                );
+                publish_warning(ctx, taskrun, "EventDeadLettered", note).await;
+                None
+            }
+            DeliveryOutcome::Retry {
+                reason,
+                detail,
+                retry_after,
+                ..
+            } => {
+                ctx.metrics.record_retry(reason);
+                warn!(taskrun = %taskrun.key(), step = %transition.step_name, reason = reason.as_str(), %detail, "the dead-letter sink did not take the event; will retry");
+                retries.dead_letters.insert(event_key(transition), dead);
+                Some(RoundEnd::RetryAfter(retry_after.unwrap_or_default()))
+            }
+            DeliveryOutcome::Rejected { status, body } => {
+                self.settle(transition, Settlement::Dropped);
+                ctx.metrics.record_dropped(transition.kind, latency);
+                let note = format!(
+                    "The {} event of step {} was dropped: the dead-letter sink refused it too, with HTTP {status}: {body}",
+                    transition.kind.as_str(),
+                    transition.step_name
+                );
+                warn!(taskrun = %taskrun.key(), step = %transition.step_name, status, %body, "the dead-letter sink rejected the event; dropped");
+                publish_warning(ctx, taskrun, "EventDropped", note).await;
+                None
+            }
+            DeliveryOutcome::Unencodable { reason } => {
+                self.settle(transition, Settlement::Dropped);
+                ctx.metrics.record_dropped(transition.kind, latency);
+                publish_warning(ctx, taskrun, "EventDropped", reason).await;
+                None
+            }
+        }
     }
 
     fn settle(&self, transition: &Transition, how: Settlement) {

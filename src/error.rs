@@ -41,6 +41,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A sink credential (CA, client certificate, token, signing secret)
+    /// cannot be read or used.
+    #[error("sink credential {what} is not usable: {reason}")]
+    SinkCredentials {
+        /// Which one: its flag and path, or its ConfigMap key.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+
     /// The HTTP client could not be built.
     #[error("building the HTTP client failed: {0}")]
     HttpClient(#[source] reqwest::Error),
@@ -133,6 +143,7 @@ impl Error {
             | Error::RejectEvent { .. }
             | Error::InvalidSetting { .. }
             | Error::HttpClient(_)
+            | Error::SinkCredentials { .. }
             | Error::InvalidArgument(_)
             | Error::Serve { .. } => false,
         }
@@ -147,6 +158,7 @@ impl Error {
             Error::InvalidSink { .. } => "invalid_sink",
             Error::InvalidSetting { .. } => "invalid_setting",
             Error::HttpClient(_) => "http_client",
+            Error::SinkCredentials { .. } => "sink_credentials",
             Error::SendEvent { .. } => "send_event",
             Error::RejectEvent { .. } => "reject_event",
             Error::PatchLedger { .. } => "patch_ledger",

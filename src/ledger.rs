@@ -8,8 +8,10 @@
 //! {"statuses":[{"name":"build","emitted":["dev.tekton.event.plugin.step.started.v1"]}]}
 //! ```
 //!
-//! We add one optional list, `rejected`, for events the sink refused for good
-//! (a 4xx): they are settled too, and must not be sent again. A retried
+//! We add optional lists for events settled without the sink taking them:
+//! `rejected` (the sink refused it for good, a 4xx), `deadLettered` (sent to
+//! the dead-letter sink instead) and `dropped` (the retry policy gave up and
+//! there is no dead-letter sink). They are settled too, and never sent again. A retried
 //! TaskRun's later attempts get entries of their own with an `attempt`
 //! number (`{"name":"build","attempt":1,"emitted":[…]}`); attempt 0 keeps the
 //! plugin's shape, with no `attempt`, so a ledger of the original plugin
@@ -29,6 +31,11 @@ pub enum Settlement {
     Delivered,
     /// The sink refused it permanently (4xx other than the retried ones).
     Rejected,
+    /// It went to the dead-letter sink (the retry policy gave up, or the
+    /// sink refused it for good).
+    DeadLettered,
+    /// The retry policy gave up and no dead-letter sink is configured.
+    Dropped,
 }
 
 /// What was settled for one step.
@@ -40,12 +47,31 @@ pub struct StepRecord {
     pub attempt: u32,
     delivered: KindSet,
     rejected: KindSet,
+    dead_lettered: KindSet,
+    dropped: KindSet,
 }
 
 impl StepRecord {
-    /// Whether an event of this kind was settled (delivered or rejected).
+    /// Whether an event of this kind was settled, in any way.
     pub fn settled(&self, kind: StepEventKind) -> bool {
-        self.delivered.contains(kind) || self.rejected.contains(kind)
+        self.all().contains(kind)
+    }
+
+    /// Every settled kind.
+    fn all(&self) -> KindSet {
+        KindSet(self.delivered.0 | self.rejected.0 | self.dead_lettered.0 | self.dropped.0)
+    }
+
+    /// How an event of this kind was settled, if it was.
+    pub fn settlement(&self, kind: StepEventKind) -> Option<Settlement> {
+        [
+            (self.delivered, Settlement::Delivered),
+            (self.rejected, Settlement::Rejected),
+            (self.dead_lettered, Settlement::DeadLettered),
+            (self.dropped, Settlement::Dropped),
+        ]
+        .into_iter()
+        .find_map(|(set, how)| set.contains(kind).then_some(how))
     }
 
     /// Whether an event of this kind reached the sink.
@@ -97,6 +123,14 @@ struct StepJson {
     emitted: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rejected: Vec<String>,
+    #[serde(
+        default,
+        rename = "deadLettered",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    dead_lettered: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    dropped: Vec<String>,
 }
 
 fn is_first_attempt(attempt: &u32) -> bool {
@@ -141,6 +175,12 @@ impl Ledger {
             for kind in step.rejected.iter().filter_map(|t| kind_of_type(t)) {
                 record.rejected.insert(kind);
             }
+            for kind in step.dead_lettered.iter().filter_map(|t| kind_of_type(t)) {
+                record.dead_lettered.insert(kind);
+            }
+            for kind in step.dropped.iter().filter_map(|t| kind_of_type(t)) {
+                record.dropped.insert(kind);
+            }
         }
         Ok(ledger)
     }
@@ -160,6 +200,8 @@ impl Ledger {
                     attempt: s.attempt,
                     emitted: to_types(s.delivered),
                     rejected: to_types(s.rejected),
+                    dead_lettered: to_types(s.dead_lettered),
+                    dropped: to_types(s.dropped),
                 })
                 .collect(),
         };
@@ -211,6 +253,8 @@ impl Ledger {
         match how {
             Settlement::Delivered => record.delivered.insert(kind),
             Settlement::Rejected => record.rejected.insert(kind),
+            Settlement::DeadLettered => record.dead_lettered.insert(kind),
+            Settlement::Dropped => record.dropped.insert(kind),
         }
         true
     }
@@ -221,6 +265,8 @@ impl Ledger {
             let record = self.record_mut(&step.name, step.attempt);
             record.delivered.0 |= step.delivered.0;
             record.rejected.0 |= step.rejected.0;
+            record.dead_lettered.0 |= step.dead_lettered.0;
+            record.dropped.0 |= step.dropped.0;
         }
     }
 
@@ -237,8 +283,7 @@ impl Ledger {
                 .step_attempt(&theirs.name, theirs.attempt)
                 .cloned()
                 .unwrap_or_default();
-            let mine = ours.delivered.0 | ours.rejected.0;
-            (theirs.delivered.0 | theirs.rejected.0) & !mine == 0
+            theirs.all().0 & !ours.all().0 == 0
         })
     }
 
@@ -246,7 +291,7 @@ impl Ledger {
     pub fn len(&self) -> usize {
         self.steps
             .iter()
-            .map(|s| (s.delivered.0 | s.rejected.0).count_ones() as usize)
+            .map(|s| s.all().0.count_ones() as usize)
             .sum()
     }
 
@@ -392,6 +437,38 @@ mod tests {
             r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.started.v1"],"rejected":["dev.tekton.event.plugin.step.failed.v1"]}]}"#
         );
         assert_eq!(Ledger::parse(&text).unwrap(), ledger);
+    }
+
+    #[test]
+    fn dead_lettered_and_dropped_round_trip_and_count_as_settled() {
+        let mut ledger = Ledger::default();
+        ledger.record("a", StepEventKind::Started, Settlement::DeadLettered);
+        ledger.record("a", StepEventKind::Failed, Settlement::Dropped);
+        assert!(!ledger.record("a", StepEventKind::Failed, Settlement::Delivered));
+        let text = ledger.to_annotation(PREFIX);
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"statuses":[{{"name":"a","emitted":[],"deadLettered":["{PREFIX}.started.v1"],"dropped":["{PREFIX}.failed.v1"]}}]}}"#
+            )
+        );
+        let parsed = Ledger::parse(&text).unwrap();
+        assert_eq!(parsed, ledger);
+        assert_eq!(parsed.len(), 2);
+        let step = parsed.step("a").unwrap();
+        assert_eq!(
+            step.settlement(StepEventKind::Started),
+            Some(Settlement::DeadLettered)
+        );
+        assert_eq!(
+            step.settlement(StepEventKind::Failed),
+            Some(Settlement::Dropped)
+        );
+        assert_eq!(step.settlement(StepEventKind::Succeeded), None);
+        let mut delivered_only = Ledger::default();
+        delivered_only.record("a", StepEventKind::Started, Settlement::Delivered);
+        assert!(parsed.covers(&delivered_only));
+        assert!(!delivered_only.covers(&parsed));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use clap::Parser;
 use tekton_step_observer::cli::{Cli, Command, LogFormat};
 use tekton_step_observer::{app, display, inspect};
 
-// The allocator is chosen by feature (Cargo.toml); BENCHMARKS.md's memory
-// section measures each.
+// The platform's allocator unless a feature picks another (Cargo.toml);
+// BENCHMARKS.md's memory section measures each.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

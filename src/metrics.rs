@@ -15,6 +15,8 @@
 //! | `delivery_latency_seconds` | histogram | `type` |
 //! | `dispatch_seconds` | histogram | `type` |
 //! | `delivery_rounds_total` | counter | |
+//! | `sink_credential_reloads_total` | counter | |
+//! | `sink_credential_reload_errors_total` | counter | |
 //! | `delivery_retries_total` | counter | `reason` |
 //! | `reconcile_duration_seconds` | histogram | |
 //! | `reconcile_errors_total` | counter | `kind` |
@@ -85,16 +87,27 @@ enum Outcome {
     Delivered,
     /// The sink refused it for good (a 4xx that retrying cannot fix).
     Rejected,
+    /// It went to the dead-letter sink.
+    DeadLettered,
+    /// The retry policy gave up on it, with no dead-letter sink.
+    Dropped,
 }
 
 impl Outcome {
     /// Every variant, to create all series up front.
-    const ALL: [Outcome; 2] = [Outcome::Delivered, Outcome::Rejected];
+    const ALL: [Outcome; 4] = [
+        Outcome::Delivered,
+        Outcome::Rejected,
+        Outcome::DeadLettered,
+        Outcome::Dropped,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
             Outcome::Rejected => "rejected",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Dropped => "dropped",
         }
     }
 }
@@ -245,6 +258,8 @@ struct Inner {
     delivery_latency: HistogramFamily<TypeLabels>,
     dispatch: HistogramFamily<TypeLabels>,
     delivery_rounds: Counter,
+    credential_reloads: Counter,
+    credential_reload_errors: Counter,
     delivery_retries: Family<RetryLabels, Counter>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
@@ -323,6 +338,19 @@ impl Metrics {
         for r#type in StepEventKind::ALL {
             drop(dispatch.get_or_create(&TypeLabels { r#type }));
         }
+
+        let credential_reloads = Counter::default();
+        registry.register(
+            "sink_credential_reloads",
+            "Times the sink credentials (CA, client certificate, token, signing secrets) changed and were put in use",
+            credential_reloads.clone(),
+        );
+        let credential_reload_errors = Counter::default();
+        registry.register(
+            "sink_credential_reload_errors",
+            "Times the sink credentials changed but could not be used; the previous ones stay in use",
+            credential_reload_errors.clone(),
+        );
 
         let delivery_rounds = Counter::default();
         registry.register(
@@ -436,6 +464,8 @@ impl Metrics {
                 delivery_latency,
                 dispatch,
                 delivery_rounds,
+                credential_reloads,
+                credential_reload_errors,
                 delivery_retries,
                 reconcile_duration,
                 reconcile_errors,
@@ -465,6 +495,18 @@ impl Metrics {
         self.record_final(event_type, Outcome::Rejected, latency);
     }
 
+    /// An event went to the dead-letter sink; `latency` as for
+    /// [`Metrics::record_delivered`].
+    pub fn record_dead_lettered(&self, event_type: StepEventKind, latency: Duration) {
+        self.record_final(event_type, Outcome::DeadLettered, latency);
+    }
+
+    /// The retry policy gave up on an event and there is no dead-letter
+    /// sink; `latency` as for [`Metrics::record_delivered`].
+    pub fn record_dropped(&self, event_type: StepEventKind, latency: Duration) {
+        self.record_final(event_type, Outcome::Dropped, latency);
+    }
+
     fn record_final(&self, event_type: StepEventKind, outcome: Outcome, latency: Duration) {
         self.inner
             .events
@@ -490,6 +532,15 @@ impl Metrics {
     /// A delivery round started.
     pub fn record_delivery_round(&self) {
         self.inner.delivery_rounds.inc();
+    }
+
+    /// The sink credentials changed: put in use (`applied`) or not usable.
+    pub fn record_credentials_reload(&self, applied: bool) {
+        if applied {
+            self.inner.credential_reloads.inc();
+        } else {
+            self.inner.credential_reload_errors.inc();
+        }
     }
 
     /// A delivery attempt failed and will be tried again.

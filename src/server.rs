@@ -53,6 +53,10 @@ struct ReadinessInner {
     sink: RwLock<SinkState>,
     /// Why the sink refuses our credentials (401/403), while it does.
     sink_refusal: RwLock<Option<String>>,
+    /// The TLS error of the handshake with the sink, while it fails.
+    sink_tls_failure: RwLock<Option<String>>,
+    /// Why the sink credentials as they are now cannot be used.
+    credentials_problem: RwLock<Option<String>>,
 }
 
 /// State behind `/healthz` and `/readyz`, shared between the controller (which
@@ -77,6 +81,8 @@ impl Readiness {
                 watch_synced: AtomicBool::new(false),
                 sink: RwLock::new(SinkState::NotConfigured),
                 sink_refusal: RwLock::new(None),
+                sink_tls_failure: RwLock::new(None),
+                credentials_problem: RwLock::new(None),
             }),
         }
     }
@@ -101,21 +107,19 @@ impl Readiness {
     /// The sink refuses our credentials (401/403), or accepts them again
     /// (`None`): events are held meanwhile, and `/readyz` says so.
     pub fn set_sink_refusal(&self, refusal: Option<String>) {
-        // Called for every delivered event: take the write lock only when
-        // something changes.
-        let unchanged = *self
-            .inner
-            .sink_refusal
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            == refusal;
-        if !unchanged {
-            *self
-                .inner
-                .sink_refusal
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = refusal;
-        }
+        replace_if_changed(&self.inner.sink_refusal, refusal);
+    }
+
+    /// The TLS handshake with the sink fails with this error, or works again
+    /// (`None`): events are held meanwhile, and `/readyz` says so.
+    pub fn set_sink_tls_failure(&self, failure: Option<String>) {
+        replace_if_changed(&self.inner.sink_tls_failure, failure);
+    }
+
+    /// The sink credentials as they are now cannot be used (the previous
+    /// ones stay in use), or can again (`None`).
+    pub fn set_credentials_problem(&self, problem: Option<String>) {
+        replace_if_changed(&self.inner.credentials_problem, problem);
     }
 
     /// Set to false when one of the process's main loops has ended for good,
@@ -168,12 +172,41 @@ impl Readiness {
                 "sink: refuses our credentials ({refusal}); events are held and retried"
             ));
         }
+        if let Some(failure) = &*self
+            .inner
+            .sink_tls_failure
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            notes.push(format!(
+                "sink: TLS handshake fails ({failure}); events are held and retried (trust its CA with --sink-ca-file or key sink.CACerts of config-events)"
+            ));
+        }
+        if let Some(problem) = &*self
+            .inner
+            .credentials_problem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            notes.push(format!(
+                "sink credentials: {problem}; the previous ones stay in use"
+            ));
+        }
         if missing.is_empty() {
             Ok(notes)
         } else {
             missing.extend(notes);
             Err(missing)
         }
+    }
+}
+
+/// Called for every delivered event: take the write lock only when
+/// something changes.
+fn replace_if_changed(slot: &RwLock<Option<String>>, value: Option<String>) {
+    let unchanged = *slot.read().unwrap_or_else(PoisonError::into_inner) == value;
+    if !unchanged {
+        *slot.write().unwrap_or_else(PoisonError::into_inner) = value;
     }
 }
 

@@ -7,13 +7,16 @@
 //! loop is.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cloudevents::Event;
 use cloudevents::binding::reqwest::RequestBuilderExt;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use cloudevents::{AttributesReader, Event};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
 use crate::error::Error;
+use crate::signature::{self, Signer};
+use crate::sink_credentials::{CredentialFiles, Material};
 
 /// Default for `--sink-timeout`: a healthy sink answers in milliseconds; ten
 /// seconds covers a slow broker without holding a worker on a dead one.
@@ -98,6 +101,9 @@ pub struct SinkSettings {
     pub connect_timeout: Duration,
     /// Binary or structured content mode. Default [`ContentMode::Binary`].
     pub content_mode: ContentMode,
+    /// Extra CAs, client certificate, token and signing secrets. Default
+    /// none: the system's trust store, no credential, no signature.
+    pub credentials: CredentialFiles,
 }
 
 impl Default for SinkSettings {
@@ -106,6 +112,7 @@ impl Default for SinkSettings {
             timeout: DEFAULT_SINK_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             content_mode: ContentMode::default(),
+            credentials: CredentialFiles::default(),
         }
     }
 }
@@ -142,6 +149,8 @@ pub enum DeliveryOutcome {
         /// How long the sink asked us to wait (429/503 `Retry-After`),
         /// already capped at [`MAX_RETRY_AFTER`].
         retry_after: Option<Duration>,
+        /// The status it answered, if it answered at all.
+        status: Option<u16>,
     },
     /// The sink refused the event for good.
     Rejected {
@@ -180,6 +189,7 @@ impl DeliveryOutcome {
                 reason,
                 detail,
                 retry_after,
+                ..
             } => Err(Error::SendEvent {
                 event_id: event_id.to_owned(),
                 reason: format!("{}: {detail}", reason.as_str()),
@@ -198,52 +208,88 @@ impl DeliveryOutcome {
 }
 
 /// Sends events to a sink over one pooled HTTP client. Cheap to clone: clones
-/// share the connection pool.
+/// share the connection pool and the credentials, and see a reload at once.
 #[derive(Clone, Debug)]
 pub struct SinkClient {
+    settings: Arc<SinkSettings>,
+    current: Arc<RwLock<Loaded>>,
+}
+
+/// The client built from one reading of the credentials.
+#[derive(Debug)]
+struct Loaded {
+    material: Material,
+    transport: Arc<Transport>,
+}
+
+/// What one request needs: the HTTP client (trust, client certificate) and
+/// what goes into the headers.
+#[derive(Debug)]
+struct Transport {
     http: reqwest::Client,
-    content_mode: ContentMode,
+    authorization: Option<HeaderValue>,
+    signer: Option<Signer>,
 }
 
 impl SinkClient {
-    /// Builds the client once; connections are kept alive and reused across
-    /// sends.
+    /// Builds the client once, reading the credential files; connections are
+    /// kept alive and reused across sends.
     pub fn new(settings: &SinkSettings) -> Result<Self, Error> {
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.connect_timeout)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .tcp_keepalive(TCP_KEEPALIVE)
-            // A redirected POST either loses its body (301/302/303 become
-            // GET) or silently moves events elsewhere; see `classify`.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                env!("CARGO_PKG_NAME"),
-                "/",
-                env!("CARGO_PKG_VERSION")
-            ))
-            .build()
-            .map_err(Error::HttpClient)?;
+        let material = settings.credentials.read(None)?;
+        let transport = Arc::new(build_transport(settings, &material)?);
         Ok(Self {
-            http,
-            content_mode: settings.content_mode,
+            settings: Arc::new(settings.clone()),
+            current: Arc::new(RwLock::new(Loaded {
+                material,
+                transport,
+            })),
         })
+    }
+
+    /// Reads the credential files again, with `config_ca` from Tekton's
+    /// ConfigMap, and rebuilds the client if anything changed. `Ok(true)`
+    /// when it did; on an error the client in use stays as it was.
+    pub fn reload(&self, config_ca: Option<&str>) -> Result<bool, Error> {
+        let material = self.settings.credentials.read(config_ca)?;
+        if self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .material
+            == material
+        {
+            return Ok(false);
+        }
+        let transport = Arc::new(build_transport(&self.settings, &material)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Loaded {
+            material,
+            transport,
+        };
+        Ok(true)
     }
 
     /// The content mode events are sent in.
     pub fn content_mode(&self) -> ContentMode {
-        self.content_mode
+        self.settings.content_mode
+    }
+
+    fn transport(&self) -> Arc<Transport> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .transport
+            .clone()
     }
 
     /// One delivery attempt of `event` to `sink`. Never retries and never
     /// sleeps: the caller decides what to do with the outcome.
     pub async fn send(&self, sink: &url::Url, event: &Event) -> DeliveryOutcome {
-        let request = match self.encode(sink, event) {
+        let transport = self.transport();
+        let request = match self.encode(&transport, sink, event, SystemTime::now()) {
             Ok(request) => request,
             Err(reason) => return DeliveryOutcome::Unencodable { reason },
         };
-        let response = match self.http.execute(request).await {
+        let response = match transport.http.execute(request).await {
             Ok(response) => response,
             Err(error) => return transport_failure(&error),
         };
@@ -264,6 +310,22 @@ impl SinkClient {
                     reason,
                     detail: format!("sink answered HTTP {status}"),
                     retry_after,
+                    status: Some(status),
+                }
+            }
+            StatusClass::Rejected if (300..400).contains(&status) => {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .map(|l| format!(" to {l}"))
+                    .unwrap_or_default();
+                drain(response).await;
+                DeliveryOutcome::Rejected {
+                    status,
+                    body: format!(
+                        "the sink redirects{location}; redirects are never followed (the CloudEvents webhook spec forbids it), so set the sink to the final URL"
+                    ),
                 }
             }
             StatusClass::Rejected => DeliveryOutcome::Rejected {
@@ -273,12 +335,18 @@ impl SinkClient {
         }
     }
 
-    /// Builds the request in the configured content mode. Errors (invalid
-    /// header values) surface here rather than as a transport failure, so
-    /// they are never retried.
-    fn encode(&self, sink: &url::Url, event: &Event) -> Result<reqwest::Request, String> {
-        let builder = self.http.post(sink.clone());
-        let builder = match self.content_mode {
+    /// Builds the request in the configured content mode, with its token and
+    /// signature. Errors (invalid header values) surface here rather than as
+    /// a transport failure, so they are never retried.
+    fn encode(
+        &self,
+        transport: &Transport,
+        sink: &url::Url,
+        event: &Event,
+        now: SystemTime,
+    ) -> Result<reqwest::Request, String> {
+        let builder = transport.http.post(sink.clone());
+        let builder = match self.settings.content_mode {
             ContentMode::Binary => builder.event(event.clone()).map_err(|e| e.to_string())?,
             ContentMode::Structured => {
                 let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
@@ -287,7 +355,143 @@ impl SinkClient {
                     .body(body)
             }
         };
-        builder.build().map_err(|e| error_chain(&e))
+        let mut request = builder.build().map_err(|e| error_chain(&e))?;
+        if let Some(authorization) = &transport.authorization {
+            request
+                .headers_mut()
+                .insert(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(signer) = &transport.signer {
+            sign(signer, &mut request, event.id(), now)?;
+        }
+        Ok(request)
+    }
+}
+
+/// Adds the Standard Webhooks headers, the message id being the event's id
+/// (so a receiver's replay protection and our retries agree).
+fn sign(
+    signer: &Signer,
+    request: &mut reqwest::Request,
+    id: &str,
+    now: SystemTime,
+) -> Result<(), String> {
+    let timestamp = now
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let body = request
+        .body()
+        .and_then(reqwest::Body::as_bytes)
+        .unwrap_or_default();
+    let signature = signer.signature(id, timestamp, body);
+    let headers = request.headers_mut();
+    for (name, value) in [
+        (signature::WEBHOOK_ID, id.to_owned()),
+        (signature::WEBHOOK_TIMESTAMP, timestamp.to_string()),
+        (signature::WEBHOOK_SIGNATURE, signature),
+    ] {
+        let value = HeaderValue::from_str(&value).map_err(|e| format!("{name}: {e}"))?;
+        headers.insert(name, value);
+    }
+    Ok(())
+}
+
+/// The HTTP client and headers for one reading of the credentials.
+fn build_transport(settings: &SinkSettings, material: &Material) -> Result<Transport, Error> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.connect_timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .tcp_keepalive(TCP_KEEPALIVE)
+        // A redirected POST either loses its body (301/302/303 become
+        // GET) or silently moves events elsewhere; see `classify`.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!(
+            env!("CARGO_PKG_NAME"),
+            "/",
+            env!("CARGO_PKG_VERSION")
+        ));
+    let files = &settings.credentials;
+    let bundles = [
+        (
+            material.ca_file.as_deref(),
+            describe(files.ca_file.as_deref(), "--sink-ca-file"),
+        ),
+        (
+            material.config_ca.as_deref().map(str::as_bytes),
+            format!(
+                "key {} of ConfigMap config-events",
+                crate::sink_config::CONFIG_EVENTS_CA_KEY
+            ),
+        ),
+    ];
+    for (pem, what) in bundles {
+        let Some(pem) = pem else { continue };
+        let certificates =
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| Error::SinkCredentials {
+                what: what.clone(),
+                reason: error_chain(&e),
+            })?;
+        if certificates.is_empty() {
+            return Err(Error::SinkCredentials {
+                what,
+                reason: "no PEM certificate in it".to_owned(),
+            });
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some((cert, key)) = &material.client_identity {
+        let mut pem = cert.clone();
+        pem.push(b'\n');
+        pem.extend_from_slice(key);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| Error::SinkCredentials {
+            what: describe(files.client_cert.as_deref(), "--sink-client-cert"),
+            reason: error_chain(&e),
+        })?;
+        builder = builder.identity(identity);
+    }
+    let authorization = material
+        .token
+        .as_deref()
+        .map(|token| {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                Error::SinkCredentials {
+                    what: describe(files.token_file.as_deref(), "--sink-token-file"),
+                    reason: "the token has characters a header cannot carry".to_owned(),
+                }
+            })?;
+            value.set_sensitive(true);
+            Ok::<_, Error>(value)
+        })
+        .transpose()?;
+    let signer = material
+        .signing_secrets
+        .as_deref()
+        .map(|text| {
+            Signer::parse(text).map_err(|reason| Error::SinkCredentials {
+                what: describe(
+                    files.signing_secret_file.as_deref(),
+                    "--sink-signing-secret-file",
+                ),
+                reason,
+            })
+        })
+        .transpose()?;
+    Ok(Transport {
+        http: builder.build().map_err(Error::HttpClient)?,
+        authorization,
+        signer,
+    })
+}
+
+fn describe(path: Option<&std::path::Path>, flag: &str) -> String {
+    match path {
+        Some(path) => format!("{flag} {}", path.display()),
+        None => flag.to_owned(),
     }
 }
 
@@ -333,6 +537,67 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// When to stop retrying an event. The default, no limit and no timeout,
+/// never gives up: an event is held until the sink takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (`--retry-limit`).
+    pub limit: Option<u32>,
+    /// Time since the first failed attempt (`--retry-timeout`).
+    pub timeout: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// Whether to give up after `failed_attempts` failed attempts, the first
+    /// of them `since_first_failure` ago.
+    pub fn gives_up(&self, failed_attempts: u32, since_first_failure: Duration) -> bool {
+        self.limit.is_some_and(|limit| failed_attempts > limit)
+            || self
+                .timeout
+                .is_some_and(|timeout| since_first_failure >= timeout)
+    }
+}
+
+/// Knative's extension naming where a dead-lettered event was meant to go.
+pub const KNATIVE_ERROR_DEST: &str = "knativeerrordest";
+/// Knative's extension with the sink's last HTTP status, if it answered.
+pub const KNATIVE_ERROR_CODE: &str = "knativeerrorcode";
+/// Knative's extension with the sink's last answer (or the transport
+/// error), base64, at most [`KNATIVE_ERROR_DATA_MAX_BYTES`] of it.
+pub const KNATIVE_ERROR_DATA: &str = "knativeerrordata";
+/// Knative cuts the error data at 1024 bytes; so do we.
+pub const KNATIVE_ERROR_DATA_MAX_BYTES: usize = 1024;
+
+/// The event as it goes to the dead-letter sink: the same event (same id),
+/// with Knative's error extensions saying where it was meant to go and
+/// what the sink last said.
+pub fn dead_letter_event(
+    event: &Event,
+    sink: &url::Url,
+    status: Option<u16>,
+    error: &str,
+) -> Event {
+    use base64::Engine as _;
+    let mut dead = event.clone();
+    dead.set_extension(KNATIVE_ERROR_DEST, sink.as_str());
+    if let Some(status) = status {
+        dead.set_extension(KNATIVE_ERROR_CODE, status.to_string());
+    }
+    let mut end = error.len().min(KNATIVE_ERROR_DATA_MAX_BYTES);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    // An empty answer leaves the extension out (an empty header is easily
+    // lost on the way).
+    if end > 0 {
+        dead.set_extension(
+            KNATIVE_ERROR_DATA,
+            base64::engine::general_purpose::STANDARD.encode(&error.as_bytes()[..end]),
+        );
+    }
+    dead
 }
 
 /// The delay before the next attempt, after `attempt` failed attempts (1
@@ -397,11 +662,60 @@ fn transport_failure(error: &reqwest::Error) -> DeliveryOutcome {
     } else {
         RetryReason::Other
     };
+    let detail = match tls_error(error) {
+        Some(tls) => format!("{TLS_FAILURE_PREFIX}{tls}"),
+        None => error_chain(error),
+    };
     DeliveryOutcome::Retry {
         reason,
-        detail: error_chain(error),
+        detail,
         retry_after: None,
+        status: None,
     }
+}
+
+/// How a retry's detail starts when the TLS handshake failed, so the
+/// controller can tell the operator (a Warning Event, `/readyz`).
+pub const TLS_FAILURE_PREFIX: &str = "TLS handshake with the sink failed: ";
+
+impl DeliveryOutcome {
+    /// The exact TLS error, when this is a retry after a failed handshake
+    /// (say, `invalid peer certificate: UnknownIssuer`).
+    pub fn tls_failure(&self) -> Option<&str> {
+        match self {
+            DeliveryOutcome::Retry { detail, .. } => detail.strip_prefix(TLS_FAILURE_PREFIX),
+            _ => None,
+        }
+    }
+}
+
+/// The rustls error somewhere in the chain, as text.
+fn tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(rustls_inside)
+        {
+            return Some(tls.to_string());
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// The rustls error an `io::Error` wraps, through any number of `io::Error`
+/// layers (reqwest's connector wraps tokio-rustls' `InvalidData` in an
+/// `Other`); `io::Error::source` skips the wrapped error itself.
+fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
+    let inner = io.get_ref()?;
+    if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    rustls_inside(inner.downcast_ref::<std::io::Error>()?)
 }
 
 /// An error with its sources, since reqwest's own message ("error sending
@@ -497,8 +811,66 @@ mod tests {
             timeout: TEST_TIMEOUT,
             connect_timeout: TEST_TIMEOUT,
             content_mode: mode,
+            ..SinkSettings::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_default_retry_policy_never_gives_up() {
+        let policy = RetryPolicy::default();
+        assert!(!policy.gives_up(u32::MAX, Duration::from_secs(86_400 * 365)));
+    }
+
+    #[test]
+    fn retry_policy_gives_up_past_its_limit_or_its_timeout() {
+        let limit = RetryPolicy {
+            limit: Some(3),
+            timeout: None,
+        };
+        // The first attempt and three retries: four failures before giving up.
+        assert!(!limit.gives_up(3, Duration::from_secs(3600)));
+        assert!(limit.gives_up(4, Duration::ZERO));
+        let timeout = RetryPolicy {
+            limit: None,
+            timeout: Some(Duration::from_secs(30)),
+        };
+        assert!(!timeout.gives_up(1000, Duration::from_secs(29)));
+        assert!(timeout.gives_up(1, Duration::from_secs(30)));
+        let zero = RetryPolicy {
+            limit: Some(0),
+            timeout: None,
+        };
+        assert!(zero.gives_up(1, Duration::ZERO), "limit 0: no retry at all");
+    }
+
+    #[test]
+    fn dead_letter_event_carries_knatives_error_extensions() {
+        use base64::Engine as _;
+        let sink: url::Url = "https://sink.example/".parse().unwrap();
+        let long = "é".repeat(KNATIVE_ERROR_DATA_MAX_BYTES);
+        let dead = dead_letter_event(&event(), &sink, Some(503), &long);
+        assert_eq!(dead.id(), event().id(), "the same event, the same id");
+        assert_eq!(
+            dead.extension(KNATIVE_ERROR_DEST).unwrap().to_string(),
+            "https://sink.example/"
+        );
+        assert_eq!(
+            dead.extension(KNATIVE_ERROR_CODE).unwrap().to_string(),
+            "503"
+        );
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(dead.extension(KNATIVE_ERROR_DATA).unwrap().to_string())
+            .unwrap();
+        assert!(data.len() <= KNATIVE_ERROR_DATA_MAX_BYTES);
+        assert!(
+            String::from_utf8(data).is_ok(),
+            "cut on a character boundary"
+        );
+        let unanswered = dead_letter_event(&event(), &sink, None, "connection refused");
+        assert!(unanswered.extension(KNATIVE_ERROR_CODE).is_none());
+        let silent = dead_letter_event(&event(), &sink, Some(400), "");
+        assert!(silent.extension(KNATIVE_ERROR_DATA).is_none());
     }
 
     /// Serves `app` on 127.0.0.1:0; returns its URL and a counter of
@@ -660,6 +1032,7 @@ mod tests {
             reason: RetryReason::Throttled,
             detail: "sink answered HTTP 429".into(),
             retry_after: Some(Duration::from_secs(3)),
+            status: Some(429),
         };
         let error = retry.into_result("id-1").unwrap_err();
         assert!(error.is_transient());
@@ -754,6 +1127,7 @@ mod tests {
                 reason: RetryReason::ServerError,
                 detail: "sink answered HTTP 503".into(),
                 retry_after: Some(Duration::from_secs(7)),
+                status: Some(503),
             }
         );
     }
@@ -828,10 +1202,12 @@ mod tests {
             reason,
             detail,
             retry_after,
+            status,
         } = outcome
         else {
             panic!("want Retry, got {outcome:?}");
         };
+        assert_eq!(status, None, "no answer, no status");
         assert_eq!(reason, RetryReason::Connect);
         assert!(detail.to_lowercase().contains("refused"), "{detail}");
         assert_eq!(retry_after, None);

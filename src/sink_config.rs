@@ -24,6 +24,10 @@ pub const DEFAULT_TEKTON_NAMESPACE: &str = "tekton-pipelines";
 pub const CONFIG_EVENTS: &str = "config-events";
 /// The key of [`CONFIG_EVENTS`] holding the sink URL.
 pub const CONFIG_EVENTS_SINK_KEY: &str = "sink";
+/// The key of [`CONFIG_EVENTS`] with PEM CAs to trust for the sink, on top
+/// of the system's and `--sink-ca-file`'s. Tekton has no such key; this is
+/// the name Knative gives a sink's CAs (`spec.sink.CACerts` of its sources).
+pub const CONFIG_EVENTS_CA_KEY: &str = "sink.CACerts";
 /// The ConfigMap where older Tekton releases read the sink.
 pub const CONFIG_DEFAULTS: &str = "config-defaults";
 /// The key of [`CONFIG_DEFAULTS`] holding the sink URL.
@@ -161,6 +165,9 @@ pub struct SinkWatch {
     /// published (marking the receiver changed), later ones only when they
     /// differ. With `--sink` it never changes.
     pub receiver: watch::Receiver<SinkState>,
+    /// The CAs of key [`CONFIG_EVENTS_CA_KEY`], when set; always `None`
+    /// with `--sink` (no ConfigMap is read then).
+    pub ca_certs: watch::Receiver<Option<String>>,
     /// The task; it ends only when every receiver is dropped.
     pub task: JoinHandle<()>,
 }
@@ -184,17 +191,30 @@ pub fn watch_sink(
         let state = resolve_sink(Some(&flag), None, None);
         log_state(&state, &tekton_namespace);
         let (sender, receiver) = watch::channel(state);
-        // Keep the sender alive: a dropped sender makes `changed()` return
+        let (ca_sender, ca_certs) = watch::channel(None);
+        // Keep the senders alive: a dropped sender makes `changed()` return
         // at once, which would spin a caller's select loop.
-        let task = tokio::spawn(async move { sender.closed().await });
-        return SinkWatch { receiver, task };
+        let task = tokio::spawn(async move {
+            sender.closed().await;
+            drop(ca_sender);
+        });
+        return SinkWatch {
+            receiver,
+            ca_certs,
+            task,
+        };
     }
     let api: Api<ConfigMap> = Api::namespaced(client, &tekton_namespace);
     let events = watch_one(api.clone(), CONFIG_EVENTS);
     let defaults = watch_one(api, CONFIG_DEFAULTS);
     let (sender, receiver) = watch::channel(SinkState::Missing);
-    let task = tokio::spawn(run(events, defaults, sender, tekton_namespace));
-    SinkWatch { receiver, task }
+    let (ca_sender, ca_certs) = watch::channel(None);
+    let task = tokio::spawn(run(events, defaults, sender, ca_sender, tekton_namespace));
+    SinkWatch {
+        receiver,
+        ca_certs,
+        task,
+    }
 }
 
 /// A backed-off watch of one ConfigMap by name.
@@ -208,8 +228,13 @@ fn watch_one(
 
 /// Folds the two watch streams into the published state until every
 /// receiver is gone. Generic over the streams so tests can feed events.
-async fn run<A, B, E>(events: A, defaults: B, sender: watch::Sender<SinkState>, namespace: String)
-where
+async fn run<A, B, E>(
+    events: A,
+    defaults: B,
+    sender: watch::Sender<SinkState>,
+    ca_sender: watch::Sender<Option<String>>,
+    namespace: String,
+) where
     A: Stream<Item = Result<watcher::Event<ConfigMap>, E>> + Send,
     B: Stream<Item = Result<watcher::Event<ConfigMap>, E>> + Send,
     E: fmt::Display,
@@ -255,6 +280,18 @@ where
         let (Some(events), Some(defaults)) = (trackers.0.synced(), trackers.1.synced()) else {
             continue;
         };
+        let ca = events
+            .as_ref()
+            .and_then(|data| data.get(CONFIG_EVENTS_CA_KEY))
+            .map(|pem| pem.trim().to_owned())
+            .filter(|pem| !pem.is_empty());
+        ca_sender.send_if_modified(|current| {
+            let changed = *current != ca;
+            if changed {
+                *current = ca;
+            }
+            changed
+        });
         let state = resolve_sink(None, events.as_ref(), defaults.as_ref());
         publish(&sender, state, !published, &namespace);
         published = true;
@@ -518,10 +555,12 @@ mod tests {
         let (events_tx, events_rx) = mpsc::unbounded();
         let (defaults_tx, defaults_rx) = mpsc::unbounded();
         let (sender, receiver) = watch::channel(SinkState::Missing);
+        let (ca_sender, _) = watch::channel(None);
         tokio::spawn(run(
             events_rx,
             defaults_rx,
             sender,
+            ca_sender,
             "tekton-pipelines".into(),
         ));
         (events_tx, defaults_tx, receiver)

@@ -29,6 +29,21 @@ pub const PIPELINE_TASK_LABEL: &str = "tekton.dev/pipelineTask";
 /// The annotation in which the observer records what it delivered.
 pub const LEDGER_ANNOTATION: &str = "tekton.plugin.step-observer/result";
 
+/// A label or annotation that, set to `"true"`, tells the observer to leave
+/// the TaskRun alone: no step event for it is owed, sent or recorded.
+pub const OPT_OUT_KEY: &str = "tekton.plugin.step-observer/skip";
+
+/// Whether the TaskRun opted out ([`OPT_OUT_KEY`] is `"true"` as a label or
+/// an annotation). Any other value does not opt out.
+pub fn opted_out(meta: &ObjectMeta) -> bool {
+    let says_true = |map: &Option<std::collections::BTreeMap<String, String>>| {
+        map.as_ref()
+            .and_then(|m| m.get(OPT_OUT_KEY))
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    };
+    says_true(&meta.labels) || says_true(&meta.annotations)
+}
+
 /// The TaskRun API versions the observer reads, newest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TektonVersion {

@@ -13,6 +13,7 @@ mod backfill;
 mod real_entrypoint;
 mod shutdown;
 mod sink_policy;
+mod sink_security;
 
 use std::collections::HashSet;
 

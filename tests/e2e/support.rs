@@ -269,7 +269,17 @@ pub struct Received {
     /// When non-zero, take this many milliseconds before answering: a slow
     /// sink, so a round of sending lasts long enough to interrupt.
     pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When set, checks each request's headers and raw body before its
+    /// event is taken; `Err(status)` answers that instead.
+    pub gate: Arc<Mutex<Option<Gate>>>,
+    /// Requests the gate refused.
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// TLS handshakes that failed (a TLS receiver only), with the error.
+    pub handshake_failures: Arc<Mutex<Vec<String>>>,
 }
+
+/// A receiver's check of a request (see [`Received::gate`]).
+pub type Gate = Arc<dyn Fn(&axum::http::HeaderMap, &[u8]) -> Result<(), StatusCode> + Send + Sync>;
 
 impl Received {
     pub fn events(&self) -> Vec<Event> {
@@ -328,12 +338,201 @@ async fn receive(State(received): State<Received>, event: Event) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
+/// Runs the gate, if any, on the request's headers and raw body.
+async fn check_gate(
+    State(received): State<Received>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let gate = received.gate.lock().unwrap().clone();
+    let Some(gate) = gate else {
+        return next.run(request).await;
+    };
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if let Err(status) = gate(&parts.headers, &bytes) {
+        received.refused.fetch_add(1, Ordering::SeqCst);
+        return status.into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
+fn receiver_app(received: &Received) -> axum::Router {
+    axum::Router::new()
+        .route("/", axum::routing::post(receive))
+        .layer(axum::middleware::from_fn_with_state(
+            received.clone(),
+            check_gate,
+        ))
+        .with_state(received.clone())
+}
+
+/// Accepts TCP connections and completes their TLS handshake; a failed
+/// handshake is recorded and the next connection accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            match self.acceptor.accept(stream).await {
+                Ok(tls) => return (tls, addr),
+                Err(error) => self.failures.lock().unwrap().push(error.to_string()),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// The receiver of [`start_receiver`] behind TLS with this configuration.
+pub async fn start_tls_receiver(config: Arc<rustls::ServerConfig>) -> (SocketAddr, Received) {
+    let received = Received::default();
+    let app = receiver_app(&received);
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        failures: received.handshake_failures.clone(),
+    };
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, received)
+}
+
+/// A certificate authority made for one test.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        Self { issuer }
+    }
+
+    /// The CA's own certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for 127.0.0.1.
+    pub fn server(&self) -> Issued {
+        self.issue("127.0.0.1", rcgen::ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate.
+    pub fn client(&self, name: &str) -> Issued {
+        self.issue(name, rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(&self, name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A TLS server configuration with `server`'s certificate; with
+/// `client_ca`, clients must present a certificate that CA issued.
+pub fn tls_server_config(server: &Issued, client_ca: Option<&TestCa>) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(builder.with_single_cert(chain, key).unwrap())
+}
+
+/// A folder of the test's own under the target directory.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("e2e")
+        .join(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes a file the way the kubelet updates a mounted Secret: the new
+/// content appears at once, whole (written aside, then renamed over).
+pub fn replace_file(path: &std::path::Path, content: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, content).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
 /// A CloudEvents receiver on loopback, built on the cloudevents-sdk.
 pub async fn start_receiver() -> (SocketAddr, Received) {
     let received = Received::default();
-    let app = axum::Router::new()
-        .route("/", axum::routing::post(receive))
-        .with_state(received.clone());
+    let app = receiver_app(&received);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

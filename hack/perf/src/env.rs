@@ -22,8 +22,8 @@ pub struct Env {
     pub observer_name: String,
     /// The same observer built with glibc's malloc, if given.
     pub glibc_build: Option<PathBuf>,
-    /// The same observer built with jemalloc, if given.
-    pub jemalloc_build: Option<PathBuf>,
+    /// Other builds of the same observer (another allocator), by name.
+    pub other_builds: Vec<(String, PathBuf)>,
 }
 
 /// One way to run the observer in the memory scenario: a build, flags and
@@ -44,6 +44,14 @@ impl ObserverVariant {
             .collect()
     }
 }
+
+/// The watch's ways of listing: pages of 500 (the default), pages of 100,
+/// a streaming list (each object on its own, no page held at once).
+const LIST_SETTINGS: &[(&str, &[&str])] = &[
+    ("", &[]),
+    ("--list-page-size=100", &["--list-page-size=100"]),
+    ("--streaming-list", &["--streaming-list"]),
+];
 
 /// glibc's malloc keeps one arena per thread that touched the heap, so
 /// decoding the list on several runtime threads can leave memory behind;
@@ -72,23 +80,36 @@ impl Env {
     /// Every variant the memory scenario tries besides the default: the
     /// watch's list settings on the default build, then the other builds.
     pub fn memory_variants(&self) -> Vec<ObserverVariant> {
-        let default = |name: &str, args: &[&str]| ObserverVariant {
-            name: format!("{} {name}", self.observer_name),
-            binary: self.observer_bin.clone(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            env: Vec::new(),
-        };
-        let mut variants = vec![
-            default("--list-page-size=100", &["--list-page-size=100"]),
-            default("--streaming-list", &["--streaming-list"]),
-        ];
+        // Each build with each way of listing; the default build's default
+        // listing is the scenario's main case, not a variant.
+        let mut builds = vec![(self.observer_name.clone(), self.observer_bin.clone())];
+        if let Some(glibc) = self
+            .glibc_build
+            .as_ref()
+            .filter(|g| **g != self.observer_bin)
+        {
+            builds.push(("glibc malloc".to_owned(), glibc.clone()));
+        }
+        builds.extend(self.other_builds.iter().cloned());
+        let mut variants = Vec::new();
+        for (index, (name, binary)) in builds.iter().enumerate() {
+            for (list, args) in LIST_SETTINGS {
+                if index == 0 && args.is_empty() {
+                    continue;
+                }
+                variants.push(ObserverVariant {
+                    name: if list.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{name}, {list}")
+                    },
+                    binary: binary.clone(),
+                    args: args.iter().map(|a| (*a).to_owned()).collect(),
+                    env: Vec::new(),
+                });
+            }
+        }
         if let Some(glibc) = &self.glibc_build {
-            variants.push(ObserverVariant {
-                name: "glibc malloc".to_owned(),
-                binary: glibc.clone(),
-                args: Vec::new(),
-                env: Vec::new(),
-            });
             for settings in GLIBC_SETTINGS {
                 let words: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 variants.push(ObserverVariant {
@@ -101,14 +122,6 @@ impl Env {
                         .collect(),
                 });
             }
-        }
-        if let Some(jemalloc) = &self.jemalloc_build {
-            variants.push(ObserverVariant {
-                name: "jemalloc".to_owned(),
-                binary: jemalloc.clone(),
-                args: Vec::new(),
-                env: Vec::new(),
-            });
         }
         variants
     }

@@ -61,9 +61,10 @@ struct RunArgs {
     /// the memory scenario also measures it, with and without glibc's settings.
     #[arg(long)]
     glibc_build: Option<PathBuf>,
-    /// The observer built with jemalloc: the memory scenario also measures it.
-    #[arg(long)]
-    jemalloc_build: Option<PathBuf>,
+    /// Another build of the observer, `NAME=PATH` (repeatable): the memory
+    /// scenario also measures it.
+    #[arg(long, value_parser = parse_named_build)]
+    other_build: Vec<(String, PathBuf)>,
     /// The local cluster's state directory.
     #[arg(long, env = "TSO_CLUSTER_DIR", default_value = ".cluster")]
     cluster_dir: PathBuf,
@@ -200,11 +201,11 @@ async fn run(args: RunArgs) -> Result<()> {
             .as_deref()
             .map(canonical_build)
             .transpose()?,
-        jemalloc_build: args
-            .jemalloc_build
-            .as_deref()
-            .map(canonical_build)
-            .transpose()?,
+        other_builds: args
+            .other_build
+            .iter()
+            .map(|(name, path)| Ok((name.clone(), canonical_build(path)?)))
+            .collect::<Result<_>>()?,
     };
     let mut results = Results {
         meta: Meta {
@@ -261,6 +262,13 @@ async fn run(args: RunArgs) -> Result<()> {
     save(&args, &results)?;
     info!(seconds = results.meta.duration_seconds, "perf run done");
     Ok(())
+}
+
+fn parse_named_build(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=PATH"))?;
+    Ok((name.to_owned(), PathBuf::from(path)))
 }
 
 fn canonical_build(path: &std::path::Path) -> Result<PathBuf> {
