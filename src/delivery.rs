@@ -57,6 +57,18 @@ enum RoundEnd {
     Stopping,
 }
 
+/// An event the sink did not take, and what it said.
+struct NotTaken<'a> {
+    /// Its last HTTP status, if it answered.
+    status: Option<u16>,
+    /// Its answer, or the connection error.
+    said: &'a str,
+    /// Since the transition was seen.
+    latency: Duration,
+    /// How it is settled without a dead-letter sink.
+    otherwise: Settlement,
+}
+
 /// What a worker remembers of failed sends, for its retry policy.
 #[derive(Default)]
 struct Retries {
@@ -480,19 +492,18 @@ impl Round<'_> {
                     );
                     warn!(taskrun = %taskrun.key(), step = %transition.step_name, status, %body, "sink rejected the event for good");
                     publish_warning(ctx, taskrun, "EventRejected", note).await;
-                    if let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink {
-                        let dead = dead_letter_event(&event, self.sink, Some(status), &body);
-                        match self
-                            .send_dead_letter(transition, dead_letter_sink, dead, latency, retries)
-                            .await
-                        {
-                            Some(end) => return end,
-                            None => settled += 1,
-                        }
-                    } else {
-                        self.settle(transition, Settlement::Rejected);
-                        settled += 1;
-                        ctx.metrics.record_rejected(kind, latency);
+                    let not_taken = NotTaken {
+                        status: Some(status),
+                        said: &body,
+                        latency,
+                        otherwise: Settlement::Rejected,
+                    };
+                    match self
+                        .settle_not_taken(transition, &event, not_taken, retries)
+                        .await
+                    {
+                        Some(end) => return end,
+                        None => settled += 1,
                     }
                 }
                 DeliveryOutcome::Unencodable { reason } => {
@@ -545,20 +556,9 @@ impl Round<'_> {
                         if failed == 1 { "" } else { "s" },
                         humantime::format_duration(Duration::from_secs(since.as_secs()))
                     );
-                    if let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink {
+                    if ctx.settings.dead_letter_sink.is_some() {
                         warn!(taskrun = %taskrun.key(), step = %transition.step_name, %why, "sending the event to the dead-letter sink");
-                        let dead = dead_letter_event(&event, self.sink, status, &detail);
-                        match self
-                            .send_dead_letter(transition, dead_letter_sink, dead, latency, retries)
-                            .await
-                        {
-                            Some(end) => return end,
-                            None => settled += 1,
-                        }
                     } else {
-                        self.settle(transition, Settlement::Dropped);
-                        settled += 1;
-                        ctx.metrics.record_dropped(kind, latency);
                         let note = format!(
                             "The {} event of step {} was dropped: the retry policy {why}, and no --dead-letter-sink is configured.",
                             transition.kind.as_str(),
@@ -567,10 +567,58 @@ impl Round<'_> {
                         warn!(taskrun = %taskrun.key(), step = %transition.step_name, %why, "dropped the event");
                         publish_warning(ctx, taskrun, "EventDropped", note).await;
                     }
+                    let not_taken = NotTaken {
+                        status,
+                        said: &detail,
+                        latency,
+                        otherwise: Settlement::Dropped,
+                    };
+                    match self
+                        .settle_not_taken(transition, &event, not_taken, retries)
+                        .await
+                    {
+                        Some(end) => return end,
+                        None => settled += 1,
+                    }
                 }
             }
         }
         RoundEnd::Settled
+    }
+
+    /// Settles an event the sink did not take: it goes to the dead-letter
+    /// sink if there is one, else it is settled as `otherwise` (rejected,
+    /// dropped). `None` when settled; otherwise how the round ends.
+    async fn settle_not_taken(
+        &self,
+        transition: &Transition,
+        event: &Event,
+        not_taken: NotTaken<'_>,
+        retries: &mut Retries,
+    ) -> Option<RoundEnd> {
+        let ctx = self.ctx;
+        if let Some(dead_letter_sink) = &ctx.settings.dead_letter_sink {
+            let dead = dead_letter_event(event, self.sink, not_taken.status, not_taken.said);
+            return self
+                .send_dead_letter(
+                    transition,
+                    dead_letter_sink,
+                    dead,
+                    not_taken.latency,
+                    retries,
+                )
+                .await;
+        }
+        self.settle(transition, not_taken.otherwise);
+        match not_taken.otherwise {
+            Settlement::Dropped => ctx
+                .metrics
+                .record_dropped(transition.kind, not_taken.latency),
+            _ => ctx
+                .metrics
+                .record_rejected(transition.kind, not_taken.latency),
+        }
+        None
     }
 
     /// Sends an event the sink did not take to the dead-letter sink. `None`

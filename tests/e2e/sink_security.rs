@@ -49,14 +49,28 @@ async fn two_steps_arrive_exactly(
     received: &Received,
     observer: &Observer,
     name: &str,
-) -> Vec<cloudevents::Event> {
+) {
     let uid = create_taskrun(
         client,
         &ns.name,
         taskrun_manifest("v1", name, &two_steps(), None),
     )
     .await;
-    let events = received.wait_for_count(&uid, TWO_STEPS.len()).await;
+    let events = two_steps_arrived(client, ns, received, observer, name, &uid).await;
+    assert_events_well_formed(&events, &uid, &ns.name, name);
+}
+
+/// Waits for the two-step TaskRun `name`'s events and ledger, and checks
+/// that exactly its events arrived, in order, once.
+async fn two_steps_arrived(
+    client: &kube::Client,
+    ns: &TestNamespace,
+    received: &Received,
+    observer: &Observer,
+    name: &str,
+    uid: &str,
+) -> Vec<cloudevents::Event> {
+    let events = received.wait_for_count(uid, TWO_STEPS.len()).await;
     wait_for_ledger(client, &ns.name, name, TWO_STEPS.len()).await;
     assert_eq!(
         summary(&events),
@@ -64,9 +78,8 @@ async fn two_steps_arrive_exactly(
         "events in order; observer log:\n{}",
         observer.log_text()
     );
-    assert_events_well_formed(&events, &uid, &ns.name, name);
     assert_eq!(
-        received.for_taskrun(&uid).len(),
+        received.for_taskrun(uid).len(),
         TWO_STEPS.len(),
         "no event twice"
     );
@@ -139,19 +152,7 @@ async fn private_ca_sink_delivers_once_its_ca_file_holds_the_ca() {
     assert_eq!(received.len(), 0);
 
     replace_file(&ca_file, &ca.pem());
-    let events = received.wait_for_count(&uid, TWO_STEPS.len()).await;
-    wait_for_ledger(&client, &ns.name, "tr", TWO_STEPS.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(TWO_STEPS),
-        "{}",
-        observer.log_text()
-    );
-    assert_eq!(
-        received.for_taskrun(&uid).len(),
-        TWO_STEPS.len(),
-        "no event twice"
-    );
+    two_steps_arrived(&client, &ns, &received, &observer, "tr", &uid).await;
     let metrics = observer.metrics_text().await;
     assert!(
         metrics.contains("tekton_step_observer_sink_credential_reloads_total 1"),
@@ -277,19 +278,7 @@ async fn mtls_sink_takes_events_from_the_client_certificate_it_trusts() {
     // next reading, which has both.
     replace_file(&key_file, &trusted.key_pem);
     replace_file(&cert_file, &trusted.cert_pem);
-    let events = received.wait_for_count(&uid, TWO_STEPS.len()).await;
-    wait_for_ledger(&client, &ns.name, "tr", TWO_STEPS.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(TWO_STEPS),
-        "{}",
-        observer.log_text()
-    );
-    assert_eq!(
-        received.for_taskrun(&uid).len(),
-        TWO_STEPS.len(),
-        "no event twice"
-    );
+    two_steps_arrived(&client, &ns, &received, &observer, "tr", &uid).await;
 }
 
 /// A sink that checks a bearer token (the CloudEvents webhook spec's
@@ -334,19 +323,7 @@ async fn bearer_token_file_is_sent_and_reread_when_it_changes() {
     .await;
     assert_eq!(received.len(), 0);
     replace_file(&token_file, "token-for-the-sink\n");
-    let events = received.wait_for_count(&uid, TWO_STEPS.len()).await;
-    wait_for_ledger(&client, &ns.name, "tr", TWO_STEPS.len()).await;
-    assert_eq!(
-        summary(&events),
-        expect(TWO_STEPS),
-        "{}",
-        observer.log_text()
-    );
-    assert_eq!(
-        received.for_taskrun(&uid).len(),
-        TWO_STEPS.len(),
-        "no event twice"
-    );
+    two_steps_arrived(&client, &ns, &received, &observer, "tr", &uid).await;
 }
 
 /// Standard Webhooks signatures, checked by the specification's own Rust

@@ -45,11 +45,12 @@ impl ObserverVariant {
     }
 }
 
-/// The watch's ways of listing: pages of 500 (the default), pages of 100,
-/// a streaming list (each object on its own, no page held at once).
+/// The watch's ways of listing: pages of 100 (the default), pages of 500
+/// (kube's default), a streaming list (each object on its own, no page held
+/// at once).
 const LIST_SETTINGS: &[(&str, &[&str])] = &[
     ("", &[]),
-    ("--list-page-size=100", &["--list-page-size=100"]),
+    ("--list-page-size=500", &["--list-page-size=500"]),
     ("--streaming-list", &["--streaming-list"]),
 ];
 
