@@ -238,7 +238,7 @@ impl Tracker {
             info!(taskrun = %snapshot.taskrun.key(), "the ledger annotation lost entries we recorded (an older copy was written over it); recording them again");
         }
         if owed > 0 || regressed {
-            debug!(taskrun = %snapshot.taskrun.key(), owed, "starting delivery");
+            debug!(taskrun = %snapshot.taskrun.key(), owed, handled_us = snapshot.seen_at.elapsed().as_micros(), "starting delivery");
             let (snapshots, rx) = watch::channel(snapshot);
             let ctx = self.ctx.clone();
             let done = self.done_tx.clone();
@@ -424,13 +424,6 @@ pub async fn run(
             event = events.next() => match event {
                 Some((scope, Ok(watcher::Event::Apply(taskrun) | watcher::Event::InitApply(taskrun)))) => {
                     tracker.on_apply(scope, taskrun);
-                    // NB: a worker this spawned or woke waits in this
-                    // thread's LIFO slot, which other runtime threads
-                    // cannot steal from, until this task yields; without a
-                    // yield it waits for every watch event already buffered
-                    // to be decoded and handled, milliseconds in a burst
-                    // (BENCHMARKS.md, dispatch).
-                    tokio::task::yield_now().await;
                 }
                 Some((_, Ok(watcher::Event::Delete(taskrun)))) => tracker.on_delete(taskrun),
                 Some((scope, Ok(watcher::Event::Init))) => tracker.on_list_start(scope),

@@ -129,6 +129,7 @@ enum Gate {
 /// Delivers everything a TaskRun owes, then returns. The tracker restarts it
 /// when the TaskRun owes more.
 pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    let worker_started = Instant::now();
     let mut attempt: u32 = 0;
     let mut first_seen: HashMap<EventKey, Instant> = HashMap::new();
     let mut pending: Option<(EventKey, Event)> = None;
@@ -172,6 +173,8 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         } else {
             snapshot.seen_at.max(now)
         };
+        let loop_at = Instant::now();
+        let first = first_pass;
         first_pass = false;
 
         let sink = match gate(&ctx, &mut snapshots).await {
@@ -196,6 +199,18 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     first_seen: &first_seen,
                     pods: tokio::sync::Mutex::new(HashMap::new()),
                     dispatch_origin,
+                    slot_at: {
+                        let slot_at = Instant::now();
+                        debug!(
+                            taskrun = %snapshot.taskrun.key(),
+                            first,
+                            to_worker_us = worker_started.saturating_duration_since(dispatch_origin).as_micros(),
+                            to_loop_us = loop_at.saturating_duration_since(dispatch_origin).as_micros(),
+                            loop_to_slot_us = slot_at.saturating_duration_since(loop_at).as_micros(),
+                            "round start breakdown"
+                        );
+                        slot_at
+                    },
                     waited: IoWait::default(),
                 };
                 round
@@ -356,6 +371,8 @@ struct Round<'a> {
     pods: tokio::sync::Mutex<HashMap<String, Option<Value>>>,
     /// Where this round's dispatch time is counted from (see `run_worker`).
     dispatch_origin: Instant,
+    /// When the round got its delivery slot (for the dispatch breakdown).
+    slot_at: Instant,
     /// Time this round spent waiting on the API server and the sink.
     waited: IoWait,
 }
@@ -432,6 +449,8 @@ impl Round<'_> {
             // update: a retried or carried-over one has waited on purpose.
             let mut fresh = self.first_seen.get(&key) == Some(&self.snapshot.seen_at);
             // A retried event is sent exactly as before: same id, same log.
+            let build_started = Instant::now();
+            let waited_before_build = self.waited.total();
             let event = match pending.take() {
                 Some((pending_key, event)) if pending_key == key => {
                     fresh = false;
@@ -456,11 +475,24 @@ impl Round<'_> {
                 },
             };
             if fresh {
-                let own = self
-                    .dispatch_origin
-                    .elapsed()
-                    .saturating_sub(self.waited.total());
+                let waited = self.waited.total();
+                let own = self.dispatch_origin.elapsed().saturating_sub(waited);
                 ctx.metrics.observe_dispatch(transition.kind, own);
+                // Where our own time went, for finding a slow dispatch.
+                let build = build_started
+                    .elapsed()
+                    .saturating_sub(waited.saturating_sub(waited_before_build));
+                debug!(
+                    taskrun = %taskrun.key(),
+                    step = %transition.step_name,
+                    event = transition.kind.as_str(),
+                    index,
+                    own_us = own.as_micros(),
+                    to_slot_us = self.slot_at.saturating_duration_since(self.dispatch_origin).as_micros(),
+                    build_us = build.as_micros(),
+                    waited_us = waited.as_micros(),
+                    "dispatch breakdown"
+                );
             }
             let outcome = self
                 .waited

@@ -20,6 +20,8 @@ pub struct Env {
     pub tekton_version: String,
     /// What the default build is, in words (its allocator).
     pub observer_name: String,
+    /// Extra environment of the latency scenario's observer.
+    pub observer_env: Vec<(String, String)>,
     /// The same observer built with glibc's malloc, if given.
     pub glibc_build: Option<PathBuf>,
     /// Other builds of the same observer (another allocator), by name.

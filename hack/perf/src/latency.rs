@@ -155,7 +155,10 @@ async fn measure(
             "latency"
         }),
         &["--namespace".to_owned(), ns.to_owned()],
-        &[],
+        &env.observer_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<Vec<_>>(),
         nice,
     )
     .await?;

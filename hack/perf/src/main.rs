@@ -71,6 +71,10 @@ struct RunArgs {
     /// Where results.json and the observers' logs go.
     #[arg(long, default_value = "target/perf")]
     out: PathBuf,
+    /// Extra environment of the latency scenario's observer, `KEY=VALUE`
+    /// (repeatable), for experiments (say, `RUST_LOG=warn`).
+    #[arg(long, value_parser = parse_env_pair)]
+    observer_env: Vec<(String, String)>,
     /// Scenarios to run, comma-separated: latency, memory, throughput.
     #[arg(
         long,
@@ -196,6 +200,7 @@ async fn run(args: RunArgs) -> Result<()> {
         work_dir: args.out.clone(),
         tekton_version: std::env::var("TEKTON_VERSION").unwrap_or_default(),
         observer_name: args.observer_name.clone(),
+        observer_env: args.observer_env.clone(),
         glibc_build: args
             .glibc_build
             .as_deref()
@@ -262,6 +267,13 @@ async fn run(args: RunArgs) -> Result<()> {
     save(&args, &results)?;
     info!(seconds = results.meta.duration_seconds, "perf run done");
     Ok(())
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 fn parse_named_build(text: &str) -> Result<(String, PathBuf), String> {

@@ -381,7 +381,7 @@ fn dispatch_check_verdict(l: &crate::results::Latency, check: Option<&DispatchCh
     let mean_before = l.dispatch_started.mean_ms.max(l.dispatch_terminal.mean_ms);
     let mean_after = c.dispatch_started.mean_ms.max(c.dispatch_terminal.mean_ms);
     let finding = if after < before {
-        "the tail shrinks when the observer's threads get the CPU first, so it is time spent waiting for a core on a machine the whole cluster shares (2 cores: API server, etcd, Tekton's controllers, the node agent and the harness), not the observer's own work"
+        "the tail shrinks when the observer's threads get the CPU first, so part of it is time spent waiting for a core on a machine the whole cluster shares (2 cores: API server, etcd, Tekton's controllers, the node agent and the harness)"
     } else {
         "the tail stays when the observer's threads get the CPU first, so it is not (only) waiting for a core: it is in the observer's own path"
     };
