@@ -192,6 +192,17 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
         let end = match ctx.delivery_slots.acquire().await {
             Ok(_permit) => {
                 ctx.metrics.record_delivery_round();
+                let slot_at = Instant::now();
+                // Where the time before the round went: the worker's start
+                // (a first pass), the gate, the wait for a slot.
+                debug!(
+                    taskrun = %snapshot.taskrun.key(),
+                    first,
+                    to_worker_us = worker_started.saturating_duration_since(dispatch_origin).as_micros(),
+                    to_loop_us = loop_at.saturating_duration_since(dispatch_origin).as_micros(),
+                    loop_to_slot_us = slot_at.saturating_duration_since(loop_at).as_micros(),
+                    "round start breakdown"
+                );
                 let round = Round {
                     ctx: &ctx,
                     snapshot: &snapshot,
@@ -199,18 +210,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     first_seen: &first_seen,
                     pods: tokio::sync::Mutex::new(HashMap::new()),
                     dispatch_origin,
-                    slot_at: {
-                        let slot_at = Instant::now();
-                        debug!(
-                            taskrun = %snapshot.taskrun.key(),
-                            first,
-                            to_worker_us = worker_started.saturating_duration_since(dispatch_origin).as_micros(),
-                            to_loop_us = loop_at.saturating_duration_since(dispatch_origin).as_micros(),
-                            loop_to_slot_us = slot_at.saturating_duration_since(loop_at).as_micros(),
-                            "round start breakdown"
-                        );
-                        slot_at
-                    },
+                    slot_at,
                     waited: IoWait::default(),
                 };
                 round
