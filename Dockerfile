@@ -1,7 +1,7 @@
 # The tekton-step-observer image: one static (musl) binary on distroless.
 #   docker build -t ghcr.io/tekton-step-observer/tekton-step-observer:dev .
 # config/ deploys ghcr.io/tekton-step-observer/tekton-step-observer:latest;
-# point it elsewhere with kustomize `images:` (see config/kustomization.yaml).
+# point it elsewhere with kustomize `images:` (see config/base/kustomization.yaml).
 
 # Keep this tag equal to the channel pinned in rust-toolchain.toml. That file
 # is deliberately not copied in: the image's own toolchain is the pinned one,

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 
-/// Name of the Lease, as granted by the Role in `config/rbac.yaml` (which
+/// Name of the Lease, as granted by the Role in `config/base/rbac.yaml` (which
 /// restricts the lease rights to this name).
 pub const DEFAULT_LEASE_NAME: &str = "tekton-step-observer";
 
@@ -112,7 +112,7 @@ impl LeaseSettings {
 }
 
 /// This replica's identity: `POD_NAME` (set from the downward API in
-/// `config/deployment.yaml`), else the host name plus the process id, which
+/// `config/base/deployment.yaml`), else the host name plus the process id, which
 /// keeps two local processes apart.
 pub fn identity_from_env() -> String {
     if let Some(pod) = std::env::var("POD_NAME")

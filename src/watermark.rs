@@ -10,7 +10,7 @@
 //! watermark). The leader moves the watermark on while it runs.
 //!
 //! The Lease is used whether or not leader election is on: it is the one
-//! object the observer may already write (`config/rbac.yaml`), and it lives
+//! object the observer may already write (`config/base/rbac.yaml`), and it lives
 //! as long as the install. Its holder fields belong to leader election; the
 //! watermark is an annotation beside them, written with a merge patch that
 //! touches nothing else.

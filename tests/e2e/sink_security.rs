@@ -662,3 +662,41 @@ async fn a_retry_policy_without_a_dead_letter_sink_drops_and_says_so() {
         "one attempt each, no retry"
     );
 }
+
+/// The overlays for sinks in production (`config/overlays/`) build on the
+/// install, give the observer what they say (a flag and the volume behind
+/// it), and the API server accepts what they render (a server-side dry run).
+#[tokio::test(flavor = "multi_thread")]
+async fn production_overlays_render_and_the_api_server_accepts_them() {
+    let config = format!("{}/config", env!("CARGO_MANIFEST_DIR"));
+    // Namespaced objects need their namespace to exist for a dry run.
+    crate::kubectl(&["apply", "-f", &format!("{config}/base/namespace.yaml")]);
+    for (overlay, flag, volume) in [
+        (
+            "private-ca",
+            "--sink-ca-file=/etc/tekton-step-observer/sink/ca.crt",
+            "secretName: sink-ca",
+        ),
+        (
+            "oidc-token",
+            "--sink-token-file=/var/run/secrets/tekton-step-observer/sink/token",
+            "audience: my-sink-audience",
+        ),
+    ] {
+        let dir = format!("{config}/overlays/{overlay}");
+        let rendered = crate::kubectl(&["kustomize", &dir]);
+        assert!(
+            rendered.contains(flag),
+            "{overlay}: {flag} missing:\n{rendered}"
+        );
+        assert!(
+            rendered.contains(volume),
+            "{overlay}: {volume} missing:\n{rendered}"
+        );
+        assert!(
+            rendered.contains("kind: ClusterRole"),
+            "{overlay} keeps the install"
+        );
+        crate::kubectl(&["apply", "--dry-run=server", "-k", &dir]);
+    }
+}
