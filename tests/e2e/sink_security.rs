@@ -86,6 +86,27 @@ async fn two_steps_arrived(
     events
 }
 
+/// Waits until the ledger's entry for the TaskRun's first step lists
+/// `count` event types under `list` (`rejected`, `deadLettered`, ...).
+async fn first_step_recorded_as(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    list: &str,
+    count: usize,
+) -> serde_json::Value {
+    wait_for(
+        &format!("{count} events of {name} recorded as {list}"),
+        EVENT_DEADLINE,
+        || async {
+            let taskrun = get_taskrun(client, namespace, name).await;
+            let recorded = ledger_of(&taskrun)?["statuses"][0][list].as_array()?.len();
+            (recorded == count).then_some(taskrun)
+        },
+    )
+    .await
+}
+
 /// Waits for a Warning Event of this reason on the TaskRun whose note
 /// contains `says`; returns the note.
 async fn warning_saying(client: &kube::Client, ns: &str, reason: &str, says: &str) -> String {
@@ -417,18 +438,7 @@ async fn redirecting_sink_is_not_followed_and_events_are_rejected() {
         taskrun_manifest("v1", "tr", &[ok("a")], None),
     )
     .await;
-    let taskrun = wait_for(
-        "both events recorded as rejected",
-        EVENT_DEADLINE,
-        || async {
-            let taskrun = get_taskrun(&client, &ns.name, "tr").await;
-            let rejected = ledger_of(&taskrun)?["statuses"][0]["rejected"]
-                .as_array()?
-                .len();
-            (rejected == 2).then_some(taskrun)
-        },
-    )
-    .await;
+    let taskrun = first_step_recorded_as(&client, &ns.name, "tr", "rejected", 2).await;
     let entry = &ledger_of(&taskrun).unwrap()["statuses"][0];
     assert_eq!(entry["name"], "a");
     assert!(
@@ -592,18 +602,7 @@ async fn events_the_sink_does_not_take_go_to_the_dead_letter_sink() {
     );
 
     for name in ["unavailable", "refused"] {
-        let taskrun = wait_for(
-            "the ledger to record both as dead-lettered",
-            EVENT_DEADLINE,
-            || async {
-                let taskrun = get_taskrun(&client, &ns.name, name).await;
-                let dead = ledger_of(&taskrun)?["statuses"][0]["deadLettered"]
-                    .as_array()?
-                    .len();
-                (dead == 2).then_some(taskrun)
-            },
-        )
-        .await;
+        let taskrun = first_step_recorded_as(&client, &ns.name, name, "deadLettered", 2).await;
         let entry = &ledger_of(&taskrun).unwrap()["statuses"][0];
         assert!(
             entry["emitted"].as_array().is_none_or(Vec::is_empty),
@@ -631,18 +630,7 @@ async fn a_retry_policy_without_a_dead_letter_sink_drops_and_says_so() {
         taskrun_manifest("v1", "tr", &[ok("a")], None),
     )
     .await;
-    let taskrun = wait_for(
-        "the ledger to record both as dropped",
-        EVENT_DEADLINE,
-        || async {
-            let taskrun = get_taskrun(&client, &ns.name, "tr").await;
-            let dropped = ledger_of(&taskrun)?["statuses"][0]["dropped"]
-                .as_array()?
-                .len();
-            (dropped == 2).then_some(taskrun)
-        },
-    )
-    .await;
+    let taskrun = first_step_recorded_as(&client, &ns.name, "tr", "dropped", 2).await;
     let entry = &ledger_of(&taskrun).unwrap()["statuses"][0];
     assert!(
         entry["emitted"].as_array().is_none_or(Vec::is_empty),
