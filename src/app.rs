@@ -197,6 +197,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ..SinkSettings::default()
         },
         log_limit_bytes: args.log_limit_bytes,
+        step_metrics_by_namespace: args.step_metrics_by_namespace,
         backfill_cutoff,
         max_concurrent_deliveries: args.max_concurrent_deliveries,
         retry_base: args.retry_base_delay,

@@ -139,6 +139,11 @@ pub struct RunArgs {
     #[arg(long, env = "TSO_LOG_LIMIT_BYTES", default_value_t = DEFAULT_LOG_LIMIT_BYTES)]
     pub log_limit_bytes: usize,
 
+    /// Label `step_duration_seconds` by namespace too: one set of series
+    /// per namespace, so leave it off where namespaces come and go.
+    #[arg(long, env = "TSO_STEP_METRICS_BY_NAMESPACE")]
+    pub step_metrics_by_namespace: bool,
+
     /// TaskRuns without a ledger that finished this long before the observer
     /// last ran (the watermark on its Lease; now, on first install) are left
     /// alone, so installing on a busy cluster replays nothing.
@@ -318,6 +323,7 @@ mod tests {
         assert_eq!(args.retry_base_delay, DEFAULT_RETRY_BASE);
         assert_eq!(args.sink_timeout, DEFAULT_SINK_TIMEOUT);
         assert_eq!(args.log_limit_bytes, 64 * 1024);
+        assert!(!args.step_metrics_by_namespace);
         assert_eq!(args.tekton_namespace, "tekton-pipelines");
         assert!(args.namespaces.is_empty());
         assert_eq!(args.format, ContentMode::Binary);

@@ -50,6 +50,8 @@ pub struct ControllerSettings {
     pub sink: SinkSettings,
     /// Cap on a carried log.
     pub log_limit_bytes: usize,
+    /// Whether `step_duration_seconds` carries the namespace.
+    pub step_metrics_by_namespace: bool,
     /// TaskRuns that finished before this, with no ledger, are left alone
     /// ([`crate::watermark::backfill_cutoff`]).
     pub backfill_cutoff: DateTime<Utc>,

@@ -24,7 +24,7 @@ use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
 use crate::sink::{DeliveryOutcome, RetryPolicy, RetryReason, dead_letter_event, retry_delay};
 use crate::step_event::StepEventKind;
-use crate::steps::{Transition, run_facts};
+use crate::steps::{Transition, run_facts, step_run_time};
 use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef};
 
 /// Field manager of the ledger patch, so `kubectl get -o yaml --show-managed-fields`
@@ -724,6 +724,36 @@ impl Round<'_> {
             how,
         );
         self.ctx.remember(&self.snapshot.taskrun, &settled);
+        self.record_step_metrics(transition);
+    }
+
+    /// Counts a settled transition and, for a step that ran to its end, how
+    /// long it ran. Settling happens once per event in this process (what
+    /// was settled is never owed again), so each step is observed once.
+    fn record_step_metrics(&self, transition: &Transition) {
+        let metrics = &self.ctx.metrics;
+        metrics.record_step_transition(transition.kind);
+        if !matches!(
+            transition.kind,
+            StepEventKind::Succeeded | StepEventKind::Failed
+        ) {
+            return;
+        }
+        let ran = self
+            .snapshot
+            .status
+            .as_ref()
+            .map(|s| s.of_attempt(transition.attempt))
+            .and_then(|s| s.steps.get(transition.step_index))
+            .and_then(step_run_time);
+        if let Some(ran) = ran {
+            let namespace = self
+                .ctx
+                .settings
+                .step_metrics_by_namespace
+                .then_some(self.snapshot.taskrun.namespace.as_str());
+            metrics.observe_step_duration(transition.kind, namespace, ran);
+        }
     }
 
     /// Builds the event of a transition; a terminal event waits for its

@@ -2,9 +2,11 @@
 //! [`crate::server`].
 //!
 //! Every label has a small, fixed set of values (enums here, or `&'static str`
-//! from [`crate::error::Error::metric_label`]): TaskRun names, namespaces or
+//! from [`crate::error::Error::metric_label`]): TaskRun names, step names or
 //! sink URLs never become labels, so the number of series stays bounded
-//! however many TaskRuns the cluster runs.
+//! however many TaskRuns the cluster runs. The one exception a user opts
+//! into is `taskrun_namespace` on `step_duration_seconds`
+//! (`--step-metrics-by-namespace`): one series set per namespace.
 //!
 //! Final names (prefix `tekton_step_observer_`; counters get `_total` on the
 //! wire):
@@ -30,6 +32,8 @@
 //! | `log_read_errors_total` | counter | |
 //! | `watch_errors_total` | counter | |
 //! | `tracked_taskruns` | gauge | |
+//! | `step_transitions_total` | counter | `type` |
+//! | `step_duration_seconds` | histogram | `outcome` (and `taskrun_namespace` with `--step-metrics-by-namespace`) |
 
 use std::fmt;
 use std::sync::Arc;
@@ -58,6 +62,14 @@ const LATENCY_FIRST_BUCKET_SECONDS: f64 = 0.005;
 /// 17 doublings from 5 ms end at ~328 s, past the ~5 min that a delivery can
 /// take while it retries a failing sink.
 const LATENCY_BUCKET_COUNT: u16 = 17;
+
+/// 100 ms: a step shorter than that (an `echo`) is "instant" to anyone
+/// looking at step durations.
+const STEP_DURATION_FIRST_BUCKET_SECONDS: f64 = 0.1;
+
+/// 17 doublings from 100 ms end at ~109 min, past Tekton's default TaskRun
+/// timeout of 60 min.
+const STEP_DURATION_BUCKET_COUNT: u16 = 17;
 
 /// 1/64 ms (15.6 µs): building and handing over one event takes tens of
 /// microseconds, and the goal for it is 1 ms, so the buckets resolve below
@@ -245,6 +257,18 @@ fn dispatch_histogram() -> Histogram {
     ))
 }
 
+fn step_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        STEP_DURATION_FIRST_BUCKET_SECONDS,
+        BUCKET_FACTOR,
+        STEP_DURATION_BUCKET_COUNT,
+    ))
+}
+
+/// `outcome`, and `taskrun_namespace` only when asked for: a label pair list rather
+/// than a struct, so that the namespace is absent, not empty, when off.
+type StepDurationLabels = Vec<(&'static str, String)>;
+
 fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(
         RECONCILE_FIRST_BUCKET_SECONDS,
@@ -274,6 +298,8 @@ struct Inner {
     log_read_errors: Counter,
     watch_errors: Counter,
     tracked_taskruns: Gauge,
+    step_transitions: Family<TypeLabels, Counter>,
+    step_duration: HistogramFamily<StepDurationLabels>,
 }
 
 /// All metrics of the process. Cloning is cheap (one `Arc`); every clone
@@ -458,6 +484,28 @@ impl Metrics {
             tracked_taskruns.clone(),
         );
 
+        let step_transitions = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "step_transitions",
+            "Step transitions settled (sent, or settled otherwise: rejected, dead-lettered, dropped), by type; types filtered out by --event-types are not counted",
+            step_transitions.clone(),
+        );
+        for r#type in StepEventKind::ALL {
+            drop(step_transitions.get_or_create(&TypeLabels { r#type }));
+        }
+
+        let step_duration: HistogramFamily<StepDurationLabels> =
+            Family::new_with_constructor(step_duration_histogram);
+        registry.register_with_unit(
+            "step_duration",
+            "How long steps ran, from the step's startedAt to its finishedAt as Tekton reports them, by outcome (succeeded, failed); observed once per step when its terminal event is settled",
+            Unit::Seconds,
+            step_duration.clone(),
+        );
+        for kind in [StepEventKind::Succeeded, StepEventKind::Failed] {
+            drop(step_duration.get_or_create(&vec![("outcome", kind.as_str().to_owned())]));
+        }
+
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -480,6 +528,8 @@ impl Metrics {
                 log_read_errors,
                 watch_errors,
                 tracked_taskruns,
+                step_transitions,
+                step_duration,
             }),
         }
     }
@@ -520,6 +570,32 @@ impl Metrics {
             .delivery_latency
             .get_or_create(&TypeLabels { r#type: event_type })
             .observe(latency.as_secs_f64());
+    }
+
+    /// A step transition was settled.
+    pub fn record_step_transition(&self, kind: StepEventKind) {
+        self.inner
+            .step_transitions
+            .get_or_create(&TypeLabels { r#type: kind })
+            .inc();
+    }
+
+    /// A step ended as `outcome` after running for `ran`; `namespace` is
+    /// its TaskRun's, given only when the namespace label is wanted.
+    pub fn observe_step_duration(
+        &self,
+        outcome: StepEventKind,
+        namespace: Option<&str>,
+        ran: Duration,
+    ) {
+        let mut labels: StepDurationLabels = vec![("outcome", outcome.as_str().to_owned())];
+        if let Some(namespace) = namespace {
+            labels.push(("taskrun_namespace", namespace.to_owned()));
+        }
+        self.inner
+            .step_duration
+            .get_or_create(&labels)
+            .observe(ran.as_secs_f64());
     }
 
     /// Our own time on one event's path before its POST (see the metric's help).
@@ -657,6 +733,13 @@ mod tests {
         metrics.record_log_read_error();
         metrics.record_watch_error();
         metrics.set_tracked_taskruns(7);
+        metrics.record_step_transition(StepEventKind::Skipped);
+        metrics.observe_step_duration(StepEventKind::Failed, None, Duration::from_secs(3));
+        metrics.observe_step_duration(
+            StepEventKind::Succeeded,
+            Some("ci"),
+            Duration::from_millis(150),
+        );
 
         let text = metrics.encode().unwrap();
         for expected in [
@@ -681,6 +764,14 @@ mod tests {
             "tekton_step_observer_log_read_errors_total 1",
             "tekton_step_observer_watch_errors_total 1",
             "tekton_step_observer_tracked_taskruns 7",
+            r#"tekton_step_observer_step_transitions_total{type="skipped"} 1"#,
+            r#"tekton_step_observer_step_transitions_total{type="started"} 0"#,
+            "# UNIT tekton_step_observer_step_duration_seconds seconds",
+            r#"tekton_step_observer_step_duration_seconds_count{outcome="failed"} 1"#,
+            r#"tekton_step_observer_step_duration_seconds_bucket{le="3.2",outcome="failed"} 1"#,
+            r#"tekton_step_observer_step_duration_seconds_bucket{le="1.6",outcome="failed"} 0"#,
+            r#"tekton_step_observer_step_duration_seconds_count{outcome="succeeded"} 0"#,
+            r#"tekton_step_observer_step_duration_seconds_count{outcome="succeeded",taskrun_namespace="ci"} 1"#,
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }

@@ -333,6 +333,21 @@ fn step_phase(state: &Value) -> StepPhase {
     StepPhase::Waiting
 }
 
+/// How long a step ran, from its state (`status.steps[i]`): its
+/// `terminated.finishedAt` minus `terminated.startedAt` (Tekton's start of
+/// the step itself, not of its container). `None` while it has not ended,
+/// when either time is missing, or when they run backwards.
+pub fn step_run_time(state: &Value) -> Option<std::time::Duration> {
+    match step_phase(state) {
+        StepPhase::Terminated {
+            started_at: Some(started),
+            finished_at: Some(finished),
+            ..
+        } => (finished - started).to_std().ok(),
+        _ => None,
+    }
+}
+
 /// What one step has reached so far.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct StepOutcome {

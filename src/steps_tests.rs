@@ -488,3 +488,34 @@ fn a_step_with_when_gets_its_started_event_once_tekton_tells_it_ran() {
         ]
     );
 }
+
+#[test]
+fn step_run_time_spans_started_at_to_finished_at_of_ended_steps_only() {
+    use serde_json::json;
+    use std::time::Duration;
+    let ended = |started: &str, finished: &str| json!({"name": "build", "terminated": {"exitCode": 1, "startedAt": started, "finishedAt": finished}});
+    let cases = [
+        (
+            ended("2026-12-07T10:00:00Z", "2026-12-07T10:01:30Z"),
+            Some(Duration::from_secs(90)),
+        ),
+        (
+            ended("2026-12-07T10:00:00Z", "2026-12-07T10:00:00Z"),
+            Some(Duration::ZERO),
+        ),
+        // Clocks that ran backwards give no duration rather than a huge one.
+        (ended("2026-12-07T10:00:05Z", "2026-12-07T10:00:00Z"), None),
+        (
+            json!({"name": "build", "terminated": {"exitCode": 0, "finishedAt": "2026-12-07T10:00:00Z"}}),
+            None,
+        ),
+        (
+            json!({"name": "build", "running": {"startedAt": "2026-12-07T10:00:00Z"}}),
+            None,
+        ),
+        (json!({"name": "build"}), None),
+    ];
+    for (state, expected) in cases {
+        assert_eq!(step_run_time(&state), expected, "{state}");
+    }
+}

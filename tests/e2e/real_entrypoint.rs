@@ -614,3 +614,72 @@ async fn retries_give_every_attempt_its_own_events() {
     );
     capture_fixture(&harness.client, &harness.ns.name, "pr-build", &harness.test).await;
 }
+
+/// `step_transitions_total` counts each settled transition once, and
+/// `step_duration_seconds` observes each step that ran to its end, with
+/// Tekton's own startedAt to finishedAt, by outcome and (asked for) by the
+/// TaskRun's namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn step_metrics_count_transitions_and_time_steps_as_tekton_reports_them() {
+    let harness = Harness::start("step-metrics", &["--step-metrics-by-namespace"]).await;
+    let (_, taskrun) = run_taskrun(
+        &harness,
+        taskrun(json!({"steps": [
+            step("nap", "#!/bin/sh\nsleep 2\necho rested"),
+            step("fail", "#!/bin/sh\nexit 5"),
+            step("after", "echo never"),
+        ]})),
+        &[
+            ("nap", "started"),
+            ("nap", "succeeded"),
+            ("fail", "started"),
+            ("fail", "failed"),
+            ("after", "skipped"),
+        ],
+    )
+    .await;
+    let ran = |index: usize| {
+        let terminated = &taskrun["status"]["steps"][index]["terminated"];
+        let at = |field: &str| {
+            chrono::DateTime::parse_from_rfc3339(terminated[field].as_str().expect(field))
+                .expect("an RFC 3339 time")
+        };
+        (at("finishedAt") - at("startedAt")).as_seconds_f64()
+    };
+    let metrics = harness.observer.metrics_text().await;
+    for (kind, count) in [
+        ("started", 2.0),
+        ("succeeded", 1.0),
+        ("failed", 1.0),
+        ("skipped", 1.0),
+    ] {
+        let name = format!(r#"tekton_step_observer_step_transitions_total{{type="{kind}"}}"#);
+        assert_eq!(
+            series(&metrics, &name),
+            Some(count),
+            "{name} in:\n{metrics}"
+        );
+    }
+    let ns = &harness.ns.name;
+    for (outcome, index) in [("succeeded", 0), ("failed", 1)] {
+        let labels = format!(r#"{{outcome="{outcome}",taskrun_namespace="{ns}"}}"#);
+        let count = format!("tekton_step_observer_step_duration_seconds_count{labels}");
+        let sum = format!("tekton_step_observer_step_duration_seconds_sum{labels}");
+        assert_eq!(
+            series(&metrics, &count),
+            Some(1.0),
+            "{count} in:\n{metrics}"
+        );
+        assert_eq!(
+            series(&metrics, &sum),
+            Some(ran(index)),
+            "{sum} in:\n{metrics}"
+        );
+    }
+    assert!(ran(0) >= 2.0, "the nap step slept 2 s: {}", ran(0));
+    // Skipped steps never ran: no duration, and no series without the namespace.
+    assert!(
+        !metrics.contains(r#"step_duration_seconds_count{outcome="skipped""#),
+        "{metrics}"
+    );
+}

@@ -9,14 +9,6 @@ use kube::api::{Api, ListParams};
 use crate::support::*;
 use crate::{Harness, wait_for_ledger};
 
-/// The value of one metric series (its whole label set), if present.
-fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(name_and_labels)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
-}
-
 /// A sink answering 401 (then 403) is misconfigured, not refusing the event:
 /// the events are held and retried, `/readyz`, a metric and a Warning Event
 /// say so, and once the sink accepts them they all arrive, none rejected.

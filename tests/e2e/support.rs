@@ -794,3 +794,12 @@ pub fn record_figures(case: &str, mut figures: Value) {
     let text = serde_json::to_string_pretty(&figures).unwrap() + "\n";
     std::fs::write(dir.join(format!("{case}.json")), text).unwrap();
 }
+
+/// The value of one metric series (its whole label set, as written on
+/// `/metrics`), if present.
+pub fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
