@@ -169,6 +169,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         namespaces: args.namespaces.clone(),
         label_selector: args.label_selector.clone(),
         event_types: args.event_types,
+        event_formats: args.event_format,
         retry_policy: RetryPolicy {
             limit: args.retry_limit,
             timeout: args.retry_timeout,

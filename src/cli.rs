@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::event::{DEFAULT_DATASCHEMA_BASE, DEFAULT_LOG_LIMIT_BYTES, DEFAULT_TYPE_PREFIX};
 use crate::sink::ContentMode;
-use crate::step_event::EventTypes;
+use crate::step_event::{EventFormats, EventTypes};
 
 /// Emits a CloudEvent for every step transition of every Tekton TaskRun.
 #[derive(Debug, Parser)]
@@ -100,6 +100,13 @@ pub struct RunArgs {
     /// separated: started, succeeded, failed, skipped (default all).
     #[arg(long, env = "TSO_EVENT_TYPES", value_parser = EventTypes::parse, default_value = "started,succeeded,failed,skipped")]
     pub event_types: EventTypes,
+
+    /// The vocabulary of the events: native (our CloudEvents), cdevents
+    /// (CDEvents custom events `dev.cdeventsx.tekton-steprun.*`) or both,
+    /// each owed and recorded on its own. `tektonv1`, the value of the
+    /// `formats` key of Tekton's config-events, means native.
+    #[arg(long, env = "TSO_EVENT_FORMAT", value_parser = EventFormats::parse, default_value = "native")]
+    pub event_format: EventFormats,
 
     /// Fill the watch with a streaming list (Kubernetes' WatchList, on by
     /// default from 1.34) instead of paged LISTs: objects arrive one by one,
@@ -328,6 +335,7 @@ mod tests {
         assert!(args.namespaces.is_empty());
         assert_eq!(args.format, ContentMode::Binary);
         assert_eq!(args.event_types, EventTypes::default());
+        assert_eq!(args.event_format, EventFormats::NATIVE);
         assert_eq!(
             (args.retry_limit, args.retry_timeout),
             (None, None),

@@ -22,8 +22,8 @@ use crate::metrics::Metrics;
 use crate::server::Readiness;
 use crate::sink::{RetryPolicy, SinkClient, SinkSettings};
 use crate::sink_config::SinkState;
-use crate::step_event::EventTypes;
-use crate::steps::{RunPhase, Transition, owed_transitions, run_facts};
+use crate::step_event::{EventFormats, EventTypes};
+use crate::steps::{RunPhase, Transition, owed_in_formats, run_facts};
 use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
 
 /// The name the controller reports Kubernetes Events under.
@@ -40,6 +40,8 @@ pub struct ControllerSettings {
     pub list: ListMode,
     /// The kinds of step event owed (`--event-types`).
     pub event_types: EventTypes,
+    /// The formats events are owed in (`--event-format`).
+    pub event_formats: EventFormats,
     /// When to give up on an event (`--retry-limit`, `--retry-timeout`).
     pub retry_policy: RetryPolicy,
     /// Where events go that the sink did not take (`--dead-letter-sink`).
@@ -332,7 +334,7 @@ pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
         return Owing::LeftAlone;
     }
     ledger.merge(&remembered);
-    let mut transitions = owed_transitions(&facts, &ledger);
+    let mut transitions = owed_in_formats(&facts, &ledger, ctx.settings.event_formats);
     transitions.retain(|t| ctx.settings.event_types.contains(t.kind));
     Owing::Events(Owed {
         transitions,

@@ -24,7 +24,7 @@ use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
 use crate::sink::{DeliveryOutcome, RetryPolicy, RetryReason, dead_letter_event, retry_delay};
 use crate::step_event::StepEventKind;
-use crate::steps::{Transition, run_facts, step_run_time};
+use crate::steps::{EventFormat, Transition, run_facts, step_run_time};
 use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef};
 
 /// Field manager of the ledger patch, so `kubectl get -o yaml --show-managed-fields`
@@ -36,11 +36,16 @@ pub const FIELD_MANAGER: &str = "tekton-step-observer";
 /// the patch waits for the next round.
 const MAX_PATCH_ATTEMPTS: usize = 5;
 
-/// One event of a TaskRun: its attempt, step and kind.
-type EventKey = (u32, usize, StepEventKind);
+/// One event of a TaskRun: its attempt, step, kind and format.
+type EventKey = (u32, usize, StepEventKind, EventFormat);
 
 fn event_key(transition: &Transition) -> EventKey {
-    (transition.attempt, transition.step_index, transition.kind)
+    (
+        transition.attempt,
+        transition.step_index,
+        transition.kind,
+        transition.format,
+    )
 }
 
 /// How a round of sending ended.
@@ -209,6 +214,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
                     sink: &sink,
                     first_seen: &first_seen,
                     pods: tokio::sync::Mutex::new(HashMap::new()),
+                    logs: std::sync::Mutex::new(HashMap::new()),
                     dispatch_origin,
                     slot_at,
                     waited: IoWait::default(),
@@ -369,6 +375,9 @@ struct Round<'a> {
     /// read), each read at most once per round, when a `started` event is
     /// built after its step ended.
     pods: tokio::sync::Mutex<HashMap<String, Option<Value>>>,
+    /// The logs read this round, by attempt and step index, so a step whose
+    /// terminal event goes out in two formats has its log read once.
+    logs: std::sync::Mutex<HashMap<(u32, usize), StepLog>>,
     /// Where this round's dispatch time is counted from (see `run_worker`).
     dispatch_origin: Instant,
     /// When the round got its delivery slot (for the dispatch breakdown).
@@ -720,11 +729,15 @@ impl Round<'_> {
         settled.record_attempt(
             &transition.step_name,
             transition.attempt,
+            transition.format,
             transition.kind,
             how,
         );
         self.ctx.remember(&self.snapshot.taskrun, &settled);
-        self.record_step_metrics(transition);
+        // A transition sent in two formats is one step transition.
+        if self.ctx.settings.event_formats.iter().next() == Some(transition.format) {
+            self.record_step_metrics(transition);
+        }
     }
 
     /// Counts a settled transition and, for a step that ran to its end, how
@@ -808,6 +821,15 @@ impl Round<'_> {
             }
             StepEventKind::Skipped => StepLog::Unavailable("the step did not run".to_owned()),
             StepEventKind::Succeeded | StepEventKind::Failed => {
+                let key = (transition.attempt, index);
+                let cached = self
+                    .logs
+                    .lock()
+                    .ok()
+                    .and_then(|logs| logs.get(&key).cloned());
+                if let Some(log) = cached {
+                    return self.finish_build(&transition, step_spec, step_state, pod_name, &log);
+                }
                 let read = read_step_log(
                     &self.ctx.client,
                     LogLocation {
@@ -828,18 +850,32 @@ impl Round<'_> {
                     self.ctx.metrics.record_log_read_error();
                     debug!(taskrun = %self.snapshot.taskrun.key(), step = %transition.step_name, %why, "log not available");
                 }
+                if let Ok(mut logs) = self.logs.lock() {
+                    logs.insert(key, log.clone());
+                }
                 log
             }
         };
+        self.finish_build(&transition, step_spec, step_state, pod_name, &log)
+    }
+
+    fn finish_build(
+        &self,
+        transition: &Transition,
+        step_spec: Option<&Value>,
+        step_state: Option<&Value>,
+        pod_name: Option<&str>,
+        log: &StepLog,
+    ) -> Result<Built> {
         build_event(
             &self.ctx.settings.events,
             EventInput {
                 taskrun: &self.snapshot.taskrun,
-                transition: &transition,
+                transition,
                 step_spec,
                 step_state,
                 pod_name,
-                log: &log,
+                log,
             },
         )
         .map(Built::Event)

@@ -4,7 +4,7 @@ use cloudevents::{Event, EventBuilder, EventBuilderV10};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::step_event::StepEventKind;
+use crate::step_event::{EventFormat, StepEventKind};
 use crate::steps::Transition;
 use crate::tekton::TaskRunRef;
 
@@ -88,8 +88,11 @@ pub fn schema_file(kind: StepEventKind) -> String {
     format!("step.{}.v1.json", kind.as_str())
 }
 
-/// Builds the CloudEvent for one transition.
+/// Builds the CloudEvent for one transition, in the transition's format.
 pub fn build_event(settings: &EventSettings, input: EventInput<'_>) -> Result<Event> {
+    if input.transition.format == EventFormat::CdEvents {
+        return crate::cdevent::build_cdevent(settings, input);
+    }
     let EventInput {
         taskrun,
         transition,
@@ -140,14 +143,9 @@ pub fn build_event(settings: &EventSettings, input: EventInput<'_>) -> Result<Ev
 
 /// The event's `data`.
 pub fn event_data(input: EventInput<'_>) -> Value {
-    let pod_ref = input.pod_name.map(|name| {
-        json!({
-            "kind": "Pod",
-            "apiVersion": "v1",
-            "namespace": input.taskrun.namespace,
-            "name": name,
-        })
-    });
+    let pod_ref = input
+        .pod_name
+        .map(|name| pod_ref(&input.taskrun.namespace, name));
     let mut data = json!({
         "step": input.step_spec.cloned().unwrap_or(Value::Null),
         "stepState": input.step_state.cloned().unwrap_or(Value::Null),
@@ -157,19 +155,32 @@ pub fn event_data(input: EventInput<'_>) -> Value {
     if let Some(reason) = &input.transition.reason {
         data["reason"] = json!(reason);
     }
-    match input.log {
-        StepLog::NotCarried => {}
-        StepLog::Read { text, truncated } => {
-            data["log"] = json!(text);
-            data["logTruncated"] = json!(truncated);
-        }
-        StepLog::Unavailable(why) => {
-            data["log"] = Value::Null;
-            data["logTruncated"] = json!(false);
-            data["logError"] = json!(why);
+    input.log.add_to(&mut data);
+    data
+}
+
+/// A reference to the pod that runs the steps.
+pub fn pod_ref(namespace: &str, pod_name: &str) -> Value {
+    json!({ "kind": "Pod", "apiVersion": "v1", "namespace": namespace, "name": pod_name })
+}
+
+impl StepLog {
+    /// Adds `log`, `logTruncated` and, when it could not be read,
+    /// `logError` to an event's data; a log not carried adds nothing.
+    pub fn add_to(&self, data: &mut Value) {
+        match self {
+            StepLog::NotCarried => {}
+            StepLog::Read { text, truncated } => {
+                data["log"] = json!(text);
+                data["logTruncated"] = json!(truncated);
+            }
+            StepLog::Unavailable(why) => {
+                data["log"] = Value::Null;
+                data["logTruncated"] = json!(false);
+                data["logError"] = json!(why);
+            }
         }
     }
-    data
 }
 
 /// Fields of a step's state that only exist once the step ended.
@@ -247,6 +258,7 @@ mod tests {
             uid: "50df8d70-8c11-4cd4-8fdf-3aa4cb287408".into(),
             pipeline_run: Some("release".into()),
             pipeline_task: None,
+            pipeline_run_uid: None,
         }
     }
 
@@ -322,6 +334,7 @@ mod tests {
             step_index: 0,
             step_name: "a".into(),
             kind: StepEventKind::Started,
+            format: crate::step_event::EventFormat::Native,
             time: None,
             reason: None,
         };

@@ -17,11 +17,16 @@
 //! plugin's shape, with no `attempt`, so a ledger of the original plugin
 //! reads as attempt 0. Entries only ever grow, so merging two ledgers is a
 //! union and a stale copy can never take an event back.
+//!
+//! CDEvents (`--event-format cdevents|both`) are recorded in the same lists
+//! under their own types, `dev.cdeventsx.tekton-steprun.started.0.1.0` and
+//! `…finished.0.1.0`: a step run has one finished event whatever its
+//! outcome. Readers that know only the plugin's types skip them.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::step_event::StepEventKind;
+use crate::step_event::{EventFormat, StepEventKind, cdevents_type};
 use crate::tekton::LEDGER_ANNOTATION;
 
 /// How an event was settled.
@@ -45,25 +50,36 @@ pub struct StepRecord {
     pub name: String,
     /// The TaskRun attempt (0 for the first run, n for the n-th retry).
     pub attempt: u32,
-    delivered: KindSet,
-    rejected: KindSet,
-    dead_lettered: KindSet,
-    dropped: KindSet,
+    delivered: EventSet,
+    rejected: EventSet,
+    dead_lettered: EventSet,
+    dropped: EventSet,
 }
 
 impl StepRecord {
-    /// Whether an event of this kind was settled, in any way.
+    /// Whether the native event of this kind was settled, in any way.
     pub fn settled(&self, kind: StepEventKind) -> bool {
-        self.all().contains(kind)
+        self.settled_in(EventFormat::Native, kind)
     }
 
-    /// Every settled kind.
-    fn all(&self) -> KindSet {
-        KindSet(self.delivered.0 | self.rejected.0 | self.dead_lettered.0 | self.dropped.0)
+    /// Whether the event of this kind in `format` was settled, in any way.
+    /// In CDEvents every terminal kind is the one `finished` event.
+    pub fn settled_in(&self, format: EventFormat, kind: StepEventKind) -> bool {
+        self.all().contains(format, kind)
     }
 
-    /// How an event of this kind was settled, if it was.
+    /// Every settled event.
+    fn all(&self) -> EventSet {
+        EventSet(self.delivered.0 | self.rejected.0 | self.dead_lettered.0 | self.dropped.0)
+    }
+
+    /// How the native event of this kind was settled, if it was.
     pub fn settlement(&self, kind: StepEventKind) -> Option<Settlement> {
+        self.settlement_in(EventFormat::Native, kind)
+    }
+
+    /// How the event of this kind in `format` was settled, if it was.
+    pub fn settlement_in(&self, format: EventFormat, kind: StepEventKind) -> Option<Settlement> {
         [
             (self.delivered, Settlement::Delivered),
             (self.rejected, Settlement::Rejected),
@@ -71,33 +87,55 @@ impl StepRecord {
             (self.dropped, Settlement::Dropped),
         ]
         .into_iter()
-        .find_map(|(set, how)| set.contains(kind).then_some(how))
+        .find_map(|(set, how)| set.contains(format, kind).then_some(how))
     }
 
-    /// Whether an event of this kind reached the sink.
+    /// Whether the native event of this kind reached the sink.
     pub fn delivered(&self, kind: StepEventKind) -> bool {
-        self.delivered.contains(kind)
+        self.delivered.contains(EventFormat::Native, kind)
     }
 }
 
-/// A tiny set of event kinds: four bits.
+/// A tiny set of events: bits 0 to 3 the native kinds, bit 4 the CDEvents
+/// `started` event and bit 5 its `finished` one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct KindSet(u8);
+struct EventSet(u8);
 
-impl KindSet {
-    fn bit(kind: StepEventKind) -> u8 {
-        1 << (kind as u8)
+/// Bits of [`EventSet`] in use.
+const EVENT_BITS: u8 = 6;
+
+impl EventSet {
+    fn bit(format: EventFormat, kind: StepEventKind) -> u8 {
+        match (format, kind) {
+            (EventFormat::Native, kind) => 1 << (kind as u8),
+            (EventFormat::CdEvents, StepEventKind::Started) => 1 << 4,
+            (EventFormat::CdEvents, _) => 1 << 5,
+        }
     }
-    fn contains(self, kind: StepEventKind) -> bool {
-        self.0 & Self::bit(kind) != 0
+    fn contains(self, format: EventFormat, kind: StepEventKind) -> bool {
+        self.0 & Self::bit(format, kind) != 0
     }
-    fn insert(&mut self, kind: StepEventKind) {
-        self.0 |= Self::bit(kind);
+    fn insert(&mut self, format: EventFormat, kind: StepEventKind) {
+        self.0 |= Self::bit(format, kind);
     }
-    fn iter(self) -> impl Iterator<Item = StepEventKind> {
-        StepEventKind::ALL
-            .into_iter()
-            .filter(move |k| self.contains(*k))
+    /// The full event types in the set, native ones under `type_prefix`.
+    fn types(self, type_prefix: &str) -> Vec<String> {
+        (0..EVENT_BITS)
+            .filter(|bit| self.0 & (1 << bit) != 0)
+            .filter_map(|bit| match bit {
+                0..=3 => StepEventKind::ALL
+                    .get(usize::from(bit))
+                    .map(|k| k.event_type(type_prefix)),
+                4 => Some(cdevents_type(StepEventKind::Started).to_owned()),
+                _ => Some(cdevents_type(StepEventKind::Succeeded).to_owned()),
+            })
+            .collect()
+    }
+    /// Adds the event a full type names; types we do not know are ignored.
+    fn insert_type(&mut self, event_type: &str) {
+        if let Some((format, kind)) = event_of_type(event_type) {
+            self.insert(format, kind);
+        }
     }
 }
 
@@ -169,17 +207,15 @@ impl Ledger {
                         ledger.steps.len() - 1
                     });
             let record = &mut ledger.steps[at];
-            for kind in step.emitted.iter().filter_map(|t| kind_of_type(t)) {
-                record.delivered.insert(kind);
-            }
-            for kind in step.rejected.iter().filter_map(|t| kind_of_type(t)) {
-                record.rejected.insert(kind);
-            }
-            for kind in step.dead_lettered.iter().filter_map(|t| kind_of_type(t)) {
-                record.dead_lettered.insert(kind);
-            }
-            for kind in step.dropped.iter().filter_map(|t| kind_of_type(t)) {
-                record.dropped.insert(kind);
+            for (set, types) in [
+                (&mut record.delivered, &step.emitted),
+                (&mut record.rejected, &step.rejected),
+                (&mut record.dead_lettered, &step.dead_lettered),
+                (&mut record.dropped, &step.dropped),
+            ] {
+                for event_type in types {
+                    set.insert_type(event_type);
+                }
             }
         }
         Ok(ledger)
@@ -188,9 +224,7 @@ impl Ledger {
     /// Serializes to the annotation's JSON, writing full event types under
     /// `type_prefix`.
     pub fn to_annotation(&self, type_prefix: &str) -> String {
-        let to_types = |set: KindSet| -> Vec<String> {
-            set.iter().map(|k| k.event_type(type_prefix)).collect()
-        };
+        let to_types = |set: EventSet| set.types(type_prefix);
         let json = LedgerJson {
             statuses: self
                 .steps
@@ -227,35 +261,40 @@ impl Ledger {
         self.settled_attempt(name, 0, kind)
     }
 
-    /// Whether the event of `kind` for step `name` in `attempt` is settled.
+    /// Whether the native event of `kind` for step `name` in `attempt` is settled.
     pub fn settled_attempt(&self, name: &str, attempt: u32, kind: StepEventKind) -> bool {
         self.step_attempt(name, attempt)
             .is_some_and(|s| s.settled(kind))
     }
 
-    /// Records an event of the first attempt as settled. Returns whether it was new.
+    /// Records a native event of the first attempt as settled. Returns whether it was new.
     pub fn record(&mut self, name: &str, kind: StepEventKind, how: Settlement) -> bool {
-        self.record_attempt(name, 0, kind, how)
+        self.record_attempt(name, 0, EventFormat::Native, kind, how)
     }
 
-    /// Records an event of `attempt` as settled. Returns whether it was new.
+    /// Records an event of `attempt` in `format` as settled. Returns whether it was new.
     pub fn record_attempt(
         &mut self,
         name: &str,
         attempt: u32,
+        format: EventFormat,
         kind: StepEventKind,
         how: Settlement,
     ) -> bool {
-        if self.settled_attempt(name, attempt, kind) {
+        if self
+            .step_attempt(name, attempt)
+            .is_some_and(|s| s.settled_in(format, kind))
+        {
             return false;
         }
         let record = self.record_mut(name, attempt);
-        match how {
-            Settlement::Delivered => record.delivered.insert(kind),
-            Settlement::Rejected => record.rejected.insert(kind),
-            Settlement::DeadLettered => record.dead_lettered.insert(kind),
-            Settlement::Dropped => record.dropped.insert(kind),
-        }
+        let set = match how {
+            Settlement::Delivered => &mut record.delivered,
+            Settlement::Rejected => &mut record.rejected,
+            Settlement::DeadLettered => &mut record.dead_lettered,
+            Settlement::Dropped => &mut record.dropped,
+        };
+        set.insert(format, kind);
         true
     }
 
@@ -395,15 +434,27 @@ fn annotation_pointer() -> String {
     format!("{ANNOTATIONS_POINTER}/{key}")
 }
 
-/// Maps a full event type to its kind by its `<kind>.v1` ending.
-fn kind_of_type(event_type: &str) -> Option<StepEventKind> {
+/// Maps a full event type to its event: a native one by its `<kind>.v1`
+/// ending, a CDEvents one by `tekton-steprun.<predicate>.` before any
+/// version (a CDEvents finished event stands for every terminal kind).
+fn event_of_type(event_type: &str) -> Option<(EventFormat, StepEventKind)> {
+    if let Some((_, rest)) = event_type.split_once(".cdeventsx.tekton-steprun.") {
+        return match rest.split('.').next()? {
+            "started" => Some((EventFormat::CdEvents, StepEventKind::Started)),
+            "finished" => Some((EventFormat::CdEvents, StepEventKind::Succeeded)),
+            _ => None,
+        };
+    }
     let mut parts = event_type.rsplit('.');
     let version = parts.next()?;
     let kind = parts.next()?;
     if version != "v1" {
         return None;
     }
-    StepEventKind::ALL.into_iter().find(|k| k.as_str() == kind)
+    StepEventKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == kind)
+        .map(|kind| (EventFormat::Native, kind))
 }
 
 #[cfg(test)]
@@ -437,6 +488,44 @@ mod tests {
             r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.started.v1"],"rejected":["dev.tekton.event.plugin.step.failed.v1"]}]}"#
         );
         assert_eq!(Ledger::parse(&text).unwrap(), ledger);
+    }
+
+    #[test]
+    fn cdevents_are_recorded_beside_native_events_and_read_back() {
+        let mut ledger = Ledger::default();
+        let cd = EventFormat::CdEvents;
+        assert!(ledger.record("a", StepEventKind::Started, Settlement::Delivered));
+        assert!(ledger.record_attempt("a", 0, cd, StepEventKind::Started, Settlement::Delivered));
+        assert!(ledger.record_attempt("a", 1, cd, StepEventKind::Failed, Settlement::Dropped));
+        // One finished event per step run, whatever its outcome.
+        assert!(!ledger.record_attempt("a", 1, cd, StepEventKind::Skipped, Settlement::Delivered));
+        let text = ledger.to_annotation(PREFIX);
+        assert_eq!(
+            text,
+            r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.started.v1","dev.cdeventsx.tekton-steprun.started.0.1.0"]},{"name":"a","attempt":1,"emitted":[],"dropped":["dev.cdeventsx.tekton-steprun.finished.0.1.0"]}]}"#
+        );
+        let back = Ledger::parse(&text).unwrap();
+        assert_eq!(back, ledger);
+        let first = back.step_attempt("a", 0).unwrap();
+        assert!(first.settled_in(cd, StepEventKind::Started));
+        assert!(!first.settled_in(cd, StepEventKind::Succeeded));
+        let retry = back.step_attempt("a", 1).unwrap();
+        assert!(!retry.settled_in(EventFormat::Native, StepEventKind::Failed));
+        assert_eq!(
+            retry.settlement_in(cd, StepEventKind::Succeeded),
+            Some(Settlement::Dropped)
+        );
+        // A later CDEvents version is still the same step run's event.
+        let newer = Ledger::parse(
+            r#"{"statuses":[{"name":"a","emitted":["dev.cdeventsx.tekton-steprun.finished.0.2.0"]}]}"#,
+        )
+        .unwrap();
+        assert!(
+            newer
+                .step("a")
+                .unwrap()
+                .settled_in(cd, StepEventKind::Failed)
+        );
     }
 
     #[test]
@@ -476,7 +565,13 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.record("a", StepEventKind::Started, Settlement::Delivered);
         ledger.record("a", StepEventKind::Failed, Settlement::Delivered);
-        ledger.record_attempt("a", 1, StepEventKind::Started, Settlement::Delivered);
+        ledger.record_attempt(
+            "a",
+            1,
+            EventFormat::Native,
+            StepEventKind::Started,
+            Settlement::Delivered,
+        );
         let text = ledger.to_annotation(PREFIX);
         assert_eq!(
             text,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cdevent;
 pub mod cli;
 pub mod context;
 pub mod controller;

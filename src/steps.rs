@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::ledger::Ledger;
 use crate::tekton::TaskRunStatus;
 
-pub use crate::step_event::StepEventKind;
+pub use crate::step_event::{EventFormat, EventFormats, StepEventKind};
 
 /// `terminationReason` values Tekton sets on a step (pkg/pod/status.go).
 mod termination_reason {
@@ -45,6 +45,8 @@ pub struct Transition {
     pub step_name: String,
     /// What happened.
     pub kind: StepEventKind,
+    /// The vocabulary the event is written in.
+    pub format: EventFormat,
     /// When it happened, from the step's state (not when we noticed).
     pub time: Option<DateTime<Utc>>,
     /// Why a step failed or was skipped, for humans.
@@ -387,6 +389,7 @@ fn reached_in_attempt(facts: &RunFacts, sequence_base: u64) -> Vec<Transition> {
             step_index: index,
             step_name: step.name.clone(),
             kind,
+            format: EventFormat::Native,
             time,
             reason,
         };
@@ -562,37 +565,55 @@ fn step_outcome(
     }
 }
 
-/// The events owed: those reached and not yet settled in `ledger`, in order.
+/// The native events owed: those reached and not yet settled in `ledger`,
+/// in order. See [`owed_in_formats`].
+pub fn owed_transitions(facts: &RunFacts, ledger: &Ledger) -> Vec<Transition> {
+    owed_in_formats(facts, ledger, EventFormats::NATIVE)
+}
+
+/// The events owed in each of `formats`: those reached and not yet settled
+/// in `ledger`, in order; for one transition, its native event comes first.
 ///
 /// Two rules keep each step's events well formed whatever the ledger holds:
-/// once a step's terminal event is settled nothing more is owed for it, and
-/// a step whose started event is settled never ends as skipped (it is
-/// reported failed instead).
-pub fn owed_transitions(facts: &RunFacts, ledger: &Ledger) -> Vec<Transition> {
+/// once a step's terminal event is settled in a format nothing more is owed
+/// for it in that format, and a step whose started event is settled in any
+/// format never ends as skipped (it is reported failed instead, in every
+/// format, so the formats never disagree about how a step ended).
+pub fn owed_in_formats(
+    facts: &RunFacts,
+    ledger: &Ledger,
+    formats: EventFormats,
+) -> Vec<Transition> {
     let mut owed = Vec::new();
     for mut transition in reached_transitions(facts) {
         let record = ledger.step_attempt(&transition.step_name, transition.attempt);
-        let settled = |kind| record.is_some_and(|r| r.settled(kind));
-        if StepEventKind::ALL
+        let settled = |format, kind| record.is_some_and(|r| r.settled_in(format, kind));
+        let started_anywhere = [EventFormat::Native, EventFormat::CdEvents]
             .into_iter()
-            .filter(|k| k.is_terminal())
-            .any(settled)
-        {
-            continue;
-        }
-        if transition.kind == StepEventKind::Skipped && settled(StepEventKind::Started) {
+            .any(|format| settled(format, StepEventKind::Started));
+        if transition.kind == StepEventKind::Skipped && started_anywhere {
             transition.kind = StepEventKind::Failed;
         }
-        if !settled(transition.kind) {
-            owed.push(transition);
+        for format in formats.iter() {
+            let ended = StepEventKind::ALL
+                .into_iter()
+                .filter(|k| k.is_terminal())
+                .any(|k| settled(format, k));
+            if !ended && !settled(format, transition.kind) {
+                owed.push(Transition {
+                    format,
+                    ..transition.clone()
+                });
+            }
         }
     }
     owed
 }
 
-/// Whether the run ended and every event it will ever owe is settled.
-pub fn is_complete(facts: &RunFacts, ledger: &Ledger) -> bool {
-    matches!(facts.phase, RunPhase::Finished { .. }) && owed_transitions(facts, ledger).is_empty()
+/// Whether the run ended and every event it will ever owe in `formats` is settled.
+pub fn is_complete(facts: &RunFacts, ledger: &Ledger, formats: EventFormats) -> bool {
+    matches!(facts.phase, RunPhase::Finished { .. })
+        && owed_in_formats(facts, ledger, formats).is_empty()
 }
 
 #[cfg(test)]

@@ -316,10 +316,10 @@ fn completes_only_when_finished_and_settled() {
         .build();
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     let mut ledger = Ledger::default();
-    assert!(!is_complete(&facts, &ledger));
+    assert!(!is_complete(&facts, &ledger, EventFormats::NATIVE));
     ledger.record("a", Started, Settlement::Delivered);
     ledger.record("a", Succeeded, Settlement::Delivered);
-    assert!(is_complete(&facts, &ledger));
+    assert!(is_complete(&facts, &ledger, EventFormats::NATIVE));
 }
 
 #[test]
@@ -518,4 +518,89 @@ fn step_run_time_spans_started_at_to_finished_at_of_ended_steps_only() {
     for (state, expected) in cases {
         assert_eq!(step_run_time(&state), expected, "{state}");
     }
+}
+
+#[test]
+fn both_formats_owe_each_transition_twice_and_settle_on_their_own() {
+    let both = EventFormats::parse("both").unwrap();
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .step("b", exited(1))
+        .failed("Failed")
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let owed = |ledger: &Ledger| -> Vec<(String, StepEventKind, EventFormat)> {
+        owed_in_formats(&facts, ledger, both)
+            .into_iter()
+            .map(|t| (t.step_name, t.kind, t.format))
+            .collect()
+    };
+    let (native, cd) = (EventFormat::Native, EventFormat::CdEvents);
+    let mut ledger = Ledger::default();
+    assert_eq!(
+        owed(&ledger),
+        vec![
+            ("a".into(), Started, native),
+            ("a".into(), Started, cd),
+            ("a".into(), Succeeded, native),
+            ("a".into(), Succeeded, cd),
+            ("b".into(), Started, native),
+            ("b".into(), Started, cd),
+            ("b".into(), Failed, native),
+            ("b".into(), Failed, cd),
+        ]
+    );
+    // Every native event settled: the CDEvents are still owed.
+    for (step, kind) in [
+        ("a", Started),
+        ("a", Succeeded),
+        ("b", Started),
+        ("b", Failed),
+    ] {
+        ledger.record(step, kind, Settlement::Delivered);
+    }
+    assert_eq!(owed(&ledger).len(), 4);
+    assert!(owed(&ledger).iter().all(|(_, _, format)| *format == cd));
+    assert!(!is_complete(&facts, &ledger, both));
+    assert!(is_complete(&facts, &ledger, EventFormats::NATIVE));
+    for (step, kind) in [
+        ("a", Started),
+        ("a", Succeeded),
+        ("b", Started),
+        ("b", Failed),
+    ] {
+        ledger.record_attempt(step, 0, cd, kind, Settlement::Delivered);
+    }
+    assert!(is_complete(&facts, &ledger, both));
+}
+
+#[test]
+fn a_step_started_in_one_format_never_ends_skipped_in_the_other() {
+    let both = EventFormats::parse("both").unwrap();
+    // The step's container never started, so the run's end makes it
+    // skipped; but its CDEvents `started` already went out.
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("a", killed("TaskRunCancelled").never_started())
+        .failed("TaskRunCancelled")
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let mut ledger = Ledger::default();
+    ledger.record_attempt(
+        "a",
+        0,
+        EventFormat::CdEvents,
+        Started,
+        Settlement::Delivered,
+    );
+    let owed: Vec<_> = owed_in_formats(&facts, &ledger, both)
+        .into_iter()
+        .map(|t| (t.kind, t.format))
+        .collect();
+    assert_eq!(
+        owed,
+        vec![
+            (Failed, EventFormat::Native),
+            (Failed, EventFormat::CdEvents)
+        ]
+    );
 }

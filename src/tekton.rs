@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::core::{ApiResource, DynamicResourceScope, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -193,6 +193,8 @@ pub struct TaskRunRef {
     pub pipeline_run: Option<String>,
     /// The pipeline task it runs, if any.
     pub pipeline_task: Option<String>,
+    /// The uid of the PipelineRun that owns it, from its owner reference.
+    pub pipeline_run_uid: Option<String>,
 }
 
 impl TaskRunRef {
@@ -220,6 +222,12 @@ impl TaskRunRef {
             uid: field(&meta.uid, "metadata.uid")?,
             pipeline_run: label(PIPELINE_RUN_LABEL),
             pipeline_task: label(PIPELINE_TASK_LABEL),
+            pipeline_run_uid: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|owner| is_pipeline_run(owner))
+                .map(|owner| owner.uid.clone()),
         })
     }
 
@@ -239,13 +247,23 @@ impl TaskRunRef {
     }
 }
 
+/// Whether an owner reference is to the PipelineRun that runs this TaskRun.
+fn is_pipeline_run(owner: &OwnerReference) -> bool {
+    owner.kind == "PipelineRun" && owner.api_version.starts_with("tekton.dev/")
+}
+
 /// Drops everything from a watched TaskRun that no decision reads, so the
-/// cache stays small: managedFields, owner references, foreign labels and
-/// annotations.
+/// cache stays small: managedFields, owner references but the PipelineRun's
+/// (CDEvents link to it by uid), foreign labels and annotations.
 pub fn strip_for_cache(taskrun: &mut TaskRun) {
     let meta = &mut taskrun.metadata;
     meta.managed_fields = None;
-    meta.owner_references = None;
+    if let Some(owners) = meta.owner_references.as_mut() {
+        owners.retain(is_pipeline_run);
+        if owners.is_empty() {
+            meta.owner_references = None;
+        }
+    }
     meta.finalizers = None;
     meta.generate_name = None;
     if let Some(labels) = meta.labels.as_mut() {

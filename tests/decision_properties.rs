@@ -17,8 +17,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRng, TestRunner};
 use tekton_step_observer::ledger::{Ledger, Settlement};
 use tekton_step_observer::steps::{
-    RunFacts, RunPhase, StepEventKind, StepPhase, Transition, is_complete, owed_transitions,
-    reached_transitions, run_facts,
+    EventFormats, RunFacts, RunPhase, StepEventKind, StepPhase, Transition, is_complete,
+    owed_transitions, reached_transitions, run_facts,
 };
 use tekton_step_observer::tekton::TaskRun;
 use tekton_step_observer::testing::{self, StepState, TaskRunBuilder};
@@ -448,7 +448,10 @@ impl<'a> Observer<'a> {
             self.annotation = persisted.to_annotation(TYPE_PREFIX);
         }
         if snapshot.finished() && owed_count > 0 && round.stop_after.is_none() {
-            prop_assert!(is_complete(&facts, &self.memory), "all sent, still owed");
+            prop_assert!(
+                is_complete(&facts, &self.memory, EventFormats::NATIVE),
+                "all sent, still owed"
+            );
         }
         Ok(owed_count)
     }

@@ -501,38 +501,56 @@ async fn cancel_while_the_pod_is_pending_skips_every_step() {
     capture_fixture(&harness.client, &harness.ns.name, "tr", &harness.test).await;
 }
 
-/// A PipelineTask with `retries: 2` that fails twice, then succeeds: Tekton
-/// retries the TaskRun in place, and every attempt's step gets its events.
-#[tokio::test(flavor = "multi_thread")]
-async fn retries_give_every_attempt_its_own_events() {
-    let harness = Harness::start("retries", &[]).await;
+/// Creates PipelineRun `pr` running the one pipeline task `task`, and
+/// waits for Tekton to create its TaskRun (`pr-<task name>`). Returns the
+/// PipelineRun's uid and the TaskRun's.
+async fn create_pipeline_run(harness: &Harness, task: Value) -> (String, String) {
     let pipeline_runs = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("tekton.dev", "v1", "PipelineRun"),
         "pipelineruns",
     );
     let api: Api<DynamicObject> =
         Api::namespaced_with(harness.client.clone(), &harness.ns.name, &pipeline_runs);
+    let taskrun_name = format!(
+        "pr-{}",
+        task["name"].as_str().expect("a named pipeline task")
+    );
     let run: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "tekton.dev/v1",
         "kind": "PipelineRun",
         "metadata": {"name": "pr"},
-        "spec": {"pipelineSpec": {"tasks": [{
+        "spec": {"pipelineSpec": {"tasks": [task]}},
+    }))
+    .unwrap();
+    let created = api
+        .create(&PostParams::default(), &run)
+        .await
+        .expect("create PipelineRun");
+    let pipeline_run_uid = created.metadata.uid.expect("a uid");
+    let uid = wait_for("the PipelineRun's TaskRun", EVENT_DEADLINE, || async {
+        let tr = get_taskrun_opt(&harness.client, &harness.ns.name, &taskrun_name).await?;
+        tr["metadata"]["uid"].as_str().map(str::to_owned)
+    })
+    .await;
+    (pipeline_run_uid, uid)
+}
+
+/// A PipelineTask with `retries: 2` that fails twice, then succeeds: Tekton
+/// retries the TaskRun in place, and every attempt's step gets its events.
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_give_every_attempt_its_own_events() {
+    let harness = Harness::start("retries", &[]).await;
+    let (_, uid) = create_pipeline_run(
+        &harness,
+        json!({
             "name": "build",
             "retries": 2,
             "taskSpec": {"steps": [step(
                 "compile",
                 "#!/bin/sh\necho attempt $(context.task.retry-count)\ntest $(context.task.retry-count) -ge 2",
             )]},
-        }]}},
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &run)
-        .await
-        .expect("create PipelineRun");
-    let uid = wait_for("the PipelineRun's TaskRun", EVENT_DEADLINE, || async {
-        let tr = get_taskrun_opt(&harness.client, &harness.ns.name, "pr-build").await?;
-        tr["metadata"]["uid"].as_str().map(str::to_owned)
-    })
+        }),
+    )
     .await;
     let expected = [
         ("compile", "started"),
@@ -682,4 +700,196 @@ async fn step_metrics_count_transitions_and_time_steps_as_tekton_reports_them() 
         !metrics.contains(r#"step_duration_seconds_count{outcome="skipped""#),
         "{metrics}"
     );
+}
+
+/// Where the CDEvents schemas are published (the default `--dataschema-base`).
+const SCHEMA_BASE: &str =
+    "https://raw.githubusercontent.com/tekton-step-observer/tekton-step-observer/main/schema/";
+
+/// `--event-format both` on a PipelineRun's TaskRun whose steps succeed,
+/// fail and get skipped: each transition goes out twice, native then
+/// CDEvents, each is recorded in the ledger under its own type, no event
+/// arrives twice, and the CDEvents identify the step run, link to the
+/// TaskRun and PipelineRun (chainId is the PipelineRun's uid), and pass the
+/// CDEvents Go SDK's parser and validator (hack/cdevents-validate) with our
+/// schemas.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_formats_are_owed_delivered_recorded_and_cdevents_validate() {
+    let harness = Harness::start("cdevents", &["--event-format", "both"]).await;
+    let (pipeline_run_uid, uid) = create_pipeline_run(
+        &harness,
+        json!({
+            "name": "build",
+            "taskSpec": {"steps": [
+                step("ok", "#!/bin/sh\necho fine"),
+                step("fail", "#!/bin/sh\necho broken\nexit 3"),
+                step("after", "echo never"),
+            ]},
+        }),
+    )
+    .await;
+    let transitions = [
+        ("ok", "started"),
+        ("ok", "succeeded"),
+        ("fail", "started"),
+        ("fail", "failed"),
+        ("after", "skipped"),
+    ];
+    let events = harness
+        .received
+        .wait_for_count(&uid, 2 * transitions.len())
+        .await;
+    let cd_type = |kind: &str| {
+        let predicate = if kind == "started" {
+            "started"
+        } else {
+            "finished"
+        };
+        format!("dev.cdeventsx.tekton-steprun.{predicate}.0.1.0")
+    };
+    let arrived: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.ty().to_owned(),
+                e.subject().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = transitions
+        .iter()
+        .flat_map(|(step, kind)| {
+            [
+                (format!("{PREFIX}.{kind}.v1"), step.to_string()),
+                (cd_type(kind), format!("{uid}/{step}")),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        arrived,
+        want,
+        "observer log:\n{}",
+        harness.observer.log_text()
+    );
+    let (native, cdevents): (Vec<_>, Vec<_>) = events
+        .iter()
+        .cloned()
+        .partition(|e| e.ty().starts_with(PREFIX));
+    assert_events_well_formed(&native, &uid, &harness.ns.name, "pr-build");
+
+    let source = format!(
+        "/apis/tekton.dev/v1/namespaces/{}/taskruns/pr-build",
+        harness.ns.name
+    );
+    let mut lines = String::new();
+    for (event, (step, kind)) in cdevents.iter().zip(transitions) {
+        let doc = data(event);
+        let context = &doc["context"];
+        assert_eq!(
+            context["id"],
+            event.id(),
+            "the CloudEvent id is the CDEvent's"
+        );
+        assert_eq!(event.id(), format!("{uid}-{step}-{}", cd_type(kind)));
+        assert_eq!(context["source"], source);
+        assert_eq!(event.source().as_str(), source);
+        assert_eq!(context["chainId"], pipeline_run_uid.as_str());
+        let links = context["links"].as_array().expect("links");
+        let related = |link_kind: &str| {
+            links
+                .iter()
+                .find(|l| l["linkKind"] == link_kind)
+                .map(|l| l["target"]["contextId"].clone())
+        };
+        assert_eq!(related("taskRun"), Some(json!(uid)), "{doc}");
+        assert_eq!(
+            related("pipelineRun"),
+            Some(json!(pipeline_run_uid)),
+            "{doc}"
+        );
+        let content = &doc["subject"]["content"];
+        assert_eq!(content["stepName"], step);
+        assert_eq!(content["pipelineTask"], "build");
+        assert_eq!(
+            event.extension("sequence").map(|v| v.to_string()),
+            Some(content["sequence"].to_string())
+        );
+        match (step, kind) {
+            (_, "started") => assert!(content.get("outcome").is_none(), "{doc}"),
+            ("ok", _) => {
+                assert_eq!(content["outcome"], "success");
+                assert_eq!(content["exitCode"], 0);
+                assert_eq!(content["log"], "fine\n");
+            }
+            ("fail", _) => {
+                assert_eq!(content["outcome"], "failure");
+                assert_eq!(content["exitCode"], 3);
+                assert_eq!(content["log"], "broken\n");
+            }
+            _ => {
+                assert_eq!(content["outcome"], "cancel");
+                assert_eq!(content["skipped"], true);
+                assert!(content.get("exitCode").is_none(), "{doc}");
+            }
+        }
+        lines.push_str(&doc.to_string());
+        lines.push('\n');
+    }
+
+    // The independent check: the CDEvents Go SDK parses and validates each
+    // one, with the spec's schema and ours by schemaUri.
+    let mut validate = std::process::Command::new("cdevents-validate");
+    for predicate in ["started", "finished"] {
+        let file = format!("cdevents/tekton-steprun.{predicate}.0.1.0.json");
+        validate.arg("-schema").arg(format!(
+            "{SCHEMA_BASE}{file}={}/schema/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ));
+    }
+    let mut child = validate
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cdevents-validate (hack/build) is on the PATH of hack/cluster exec");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    let verdict = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&verdict.stdout);
+    assert!(verdict.status.success(), "the Go SDK says:\n{report}");
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("valid ")).count(),
+        5,
+        "{report}"
+    );
+
+    // Both kinds are in the ledger, each under its own type.
+    let taskrun = wait_for_ledger(
+        &harness.client,
+        &harness.ns.name,
+        "pr-build",
+        2 * transitions.len(),
+    )
+    .await;
+    let ledger = ledger_of(&taskrun).expect("a ledger");
+    for (step, kind) in transitions {
+        let entry = ledger["statuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == step)
+            .unwrap_or_else(|| panic!("{step} in {ledger}"));
+        for ty in [format!("{PREFIX}.{kind}.v1"), cd_type(kind)] {
+            assert!(
+                entry["emitted"]
+                    .as_array()
+                    .is_some_and(|e| e.contains(&json!(ty))),
+                "{ty} of {step} in {ledger}"
+            );
+        }
+    }
+    assert_eq!(
+        harness.received.for_taskrun(&uid).len(),
+        2 * transitions.len(),
+        "no event arrives twice"
+    );
+    capture_fixture(&harness.client, &harness.ns.name, "pr-build", &harness.test).await;
 }
