@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::event::EventSettings;
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::Metrics;
+use crate::otel::SpanExport;
 use crate::server::{self, Readiness};
 use crate::sink::{RetryPolicy, SinkClient, SinkSettings};
 use crate::sink_config::{self, SinkState};
@@ -206,19 +207,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
         identity,
         shutdown_grace: args.shutdown_grace,
     };
+    let spans = SpanExport::from_env()?;
+    if let Some(spans) = &spans {
+        info!(
+            ?spans,
+            "exporting a span per step run (OTEL_EXPORTER_OTLP_*)"
+        );
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(Context::new(
-        client,
-        version,
-        settings,
-        Channels {
-            sink,
-            leader: leader.clone(),
-            stopping: stop_rx.clone(),
-        },
-        metrics.clone(),
-        readiness.clone(),
-    )?);
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            version,
+            settings,
+            Channels {
+                sink,
+                leader: leader.clone(),
+                stopping: stop_rx.clone(),
+            },
+            metrics.clone(),
+            readiness.clone(),
+        )?
+        .with_spans(spans),
+    );
 
     tokio::spawn(reload_sink_credentials(
         ctx.sink_client.clone(),

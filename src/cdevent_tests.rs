@@ -3,21 +3,9 @@ use crate::event::{EventInput, EventSettings, StepLog, build_event, cap_log};
 use crate::ledger::Ledger;
 use crate::step_event::{EventFormat, EventFormats};
 use crate::steps::{owed_in_formats, run_facts};
-use crate::tekton::{TaskRunRef, TektonVersion};
-use crate::testing::{TaskRunBuilder, exited, killed, skipped};
+use crate::tekton::TaskRunRef;
+use crate::testing::{TaskRunBuilder, exited, killed, skipped, taskrun_ref};
 use cloudevents::AttributesReader;
-
-fn taskrun_ref() -> TaskRunRef {
-    TaskRunRef {
-        version: TektonVersion::V1,
-        namespace: "ci".into(),
-        name: "build-42".into(),
-        uid: "50df8d70-8c11-4cd4-8fdf-3aa4cb287408".into(),
-        pipeline_run: Some("release".into()),
-        pipeline_task: Some("build".into()),
-        pipeline_run_uid: Some("0f3c8a42-2f7e-4c0b-9b55-8d8a0c4f1e21".into()),
-    }
-}
 
 fn transition(kind: StepEventKind, reason: Option<&str>) -> Transition {
     Transition {

@@ -19,10 +19,12 @@ use crate::error::{Error, Result};
 use crate::event::EventSettings;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::otel::SpanExport;
 use crate::server::Readiness;
 use crate::sink::{RetryPolicy, SinkClient, SinkSettings};
 use crate::sink_config::SinkState;
 use crate::step_event::{EventFormats, EventTypes};
+use crate::step_span::{RunTrace, StepSpan, owed_spans};
 use crate::steps::{RunPhase, Transition, owed_in_formats, run_facts};
 use crate::tekton::{TaskRun, TaskRunRef, TaskRunStatus, TektonVersion};
 
@@ -111,6 +113,8 @@ pub struct Context {
     memory: Mutex<HashMap<String, Remembered>>,
     /// Bounds concurrent deliveries.
     pub delivery_slots: Semaphore,
+    /// Exports step spans, when the environment asks for them.
+    pub spans: Option<SpanExport>,
 }
 
 impl Context {
@@ -150,7 +154,14 @@ impl Context {
             recorder,
             memory: Mutex::new(HashMap::new()),
             delivery_slots: Semaphore::new(slots),
+            spans: None,
         })
+    }
+
+    /// Exports step spans with `spans` (see [`crate::otel`]).
+    pub fn with_spans(mut self, spans: Option<SpanExport>) -> Self {
+        self.spans = spans;
+        self
     }
 
     /// The TaskRun API at our version in `namespace`.
@@ -275,6 +286,8 @@ pub struct Snapshot {
     pub opted_out: bool,
     /// When the watch delivered it.
     pub seen_at: Instant,
+    /// The trace its step spans go in.
+    pub trace: RunTrace,
 }
 
 /// Whether a TaskRun is left alone by the backfill rule: it finished before
@@ -297,6 +310,8 @@ pub fn annotation_ledger(annotation: Option<&str>) -> (Ledger, Option<Error>) {
 pub struct Owed {
     /// The events, in order.
     pub transitions: Vec<Transition>,
+    /// The step spans still to export (only while spans are exported).
+    pub spans: Vec<StepSpan>,
     /// Why the ledger annotation was unreadable (it then counts as empty).
     pub malformed_ledger: Option<Error>,
 }
@@ -318,6 +333,7 @@ pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
     if snapshot.opted_out {
         return Owing::Events(Owed {
             transitions: Vec::new(),
+            spans: Vec::new(),
             malformed_ledger: None,
         });
     }
@@ -336,8 +352,14 @@ pub fn owing(ctx: &Context, snapshot: &Snapshot) -> Owing {
     ledger.merge(&remembered);
     let mut transitions = owed_in_formats(&facts, &ledger, ctx.settings.event_formats);
     transitions.retain(|t| ctx.settings.event_types.contains(t.kind));
+    let spans = if ctx.spans.is_some() {
+        owed_spans(&facts, &ledger, &snapshot.trace, &snapshot.taskrun.uid)
+    } else {
+        Vec::new()
+    };
     Owing::Events(Owed {
         transitions,
+        spans,
         malformed_ledger,
     })
 }

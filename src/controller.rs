@@ -35,6 +35,7 @@ use crate::context::{Context, ListMode, Owing, Snapshot, owed_count, owing};
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::server::Readiness;
+use crate::step_span::{SPAN_CONTEXT_ANNOTATION, run_trace};
 use crate::tekton::{TaskRun, TaskRunRef, TektonVersion, ledger_annotation, strip_for_cache};
 use crate::watermark::WatermarkLimit;
 
@@ -128,6 +129,20 @@ struct Tracker {
 impl Tracker {
     fn snapshot(&self, mut taskrun: TaskRun, deleted: bool) -> Option<Arc<Snapshot>> {
         let opted_out = crate::tekton::opted_out(&taskrun.metadata);
+        let trace = run_trace(
+            taskrun.metadata.uid.as_deref().unwrap_or_default(),
+            &taskrun
+                .status
+                .as_ref()
+                .map(|s| s.span_context.clone())
+                .unwrap_or_default(),
+            taskrun
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SPAN_CONTEXT_ANNOTATION))
+                .map(String::as_str),
+        );
         strip_for_cache(&mut taskrun);
         let reference = match TaskRunRef::from_meta(&taskrun.metadata, self.ctx.version) {
             Ok(reference) => reference,
@@ -148,6 +163,7 @@ impl Tracker {
             deleted,
             opted_out,
             seen_at: Instant::now(),
+            trace,
         }))
     }
 
@@ -231,7 +247,7 @@ impl Tracker {
         let owed = match owing(&self.ctx, &snapshot) {
             Owing::LeftAlone => return Evaluated::LeftAlone,
             Owing::Undecided => 0,
-            Owing::Events(owed) => owed.transitions.len(),
+            Owing::Events(owed) => owed.transitions.len() + owed.spans.len(),
         };
         let regressed = owed == 0 && self.ctx.ledger_regressed(&snapshot);
         if regressed {

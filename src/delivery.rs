@@ -24,6 +24,7 @@ use crate::logs::{LogLocation, read_step_log};
 use crate::metrics::LostReason;
 use crate::sink::{DeliveryOutcome, RetryPolicy, RetryReason, dead_letter_event, retry_delay};
 use crate::step_event::StepEventKind;
+use crate::step_span::step_traceparent;
 use crate::steps::{EventFormat, Transition, run_facts, step_run_time};
 use crate::tekton::{LEDGER_ANNOTATION, TaskRunRef};
 
@@ -154,6 +155,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             reported_malformed = true;
             report_malformed_ledger(&ctx, &snapshot.taskrun, &problem).await;
         }
+        let spans_owed = !owed.spans.is_empty();
         let owed = owed.transitions;
         if snapshot.deleted {
             if !owed.is_empty() && *ctx.leader.borrow() {
@@ -161,7 +163,7 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             }
             return;
         }
-        if owed.is_empty() && !patch_owed && !ctx.ledger_regressed(&snapshot) {
+        if owed.is_empty() && !spans_owed && !patch_owed && !ctx.ledger_regressed(&snapshot) {
             return;
         }
         let now = Instant::now();
@@ -226,6 +228,14 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             // Closed only when the process is going down.
             Err(_) => return,
         };
+        let end = match end {
+            RoundEnd::Settled | RoundEnd::Checkpoint
+                if !export_owed_spans(&ctx, &snapshot).await =>
+            {
+                RoundEnd::RetryAfter(Duration::ZERO)
+            }
+            end => end,
+        };
         let settled = ctx.memory_ledger(&uid);
         if !ledger_covers_memory(&snapshot, &settled) {
             match patch_ledger(&ctx, &snapshot, &settled, &mut own_write).await {
@@ -264,6 +274,48 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             () = tokio::time::sleep(wait) => {}
             // Stopping ends the wait: the gate then closes and the ledger is written.
             _ = stopping.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+/// Exports the step spans the TaskRun owes (its ledger, with what this
+/// round settled, marks them) and records them exported. Whether nothing is
+/// left owed; a failed export is logged, counted and retried with backoff.
+async fn export_owed_spans(ctx: &Context, snapshot: &Snapshot) -> bool {
+    let Some(export) = &ctx.spans else {
+        return true;
+    };
+    let Some(owed) = owed_events(ctx, snapshot) else {
+        return true;
+    };
+    if owed.spans.is_empty() {
+        return true;
+    }
+    let taskrun = &snapshot.taskrun;
+    // Each attempt ran in a pod of its own.
+    let pod_of = |attempt| {
+        snapshot
+            .status
+            .as_ref()
+            .map(|s| s.of_attempt(attempt))
+            .and_then(|s| s.pod_name.as_deref())
+            .filter(|p| !p.is_empty())
+    };
+    match export.export(taskrun, pod_of, &owed.spans).await {
+        Ok(()) => {
+            let mut exported = Ledger::default();
+            for span in &owed.spans {
+                exported.mark_span_exported(&span.step_name, span.attempt);
+            }
+            ctx.remember(taskrun, &exported);
+            ctx.metrics.record_spans_exported(owed.spans.len());
+            debug!(taskrun = %taskrun.key(), spans = owed.spans.len(), "step spans exported");
+            true
+        }
+        Err(error) => {
+            ctx.metrics.record_span_export_error();
+            warn!(taskrun = %taskrun.key(), spans = owed.spans.len(), %error, "could not export step spans; will retry");
+            false
         }
     }
 }
@@ -733,6 +785,15 @@ impl Round<'_> {
             transition.kind,
             how,
         );
+        if self.ctx.spans.is_some()
+            && matches!(
+                transition.kind,
+                StepEventKind::Succeeded | StepEventKind::Failed
+            )
+        {
+            // Recorded with the event, so the span is owed across restarts.
+            settled.mark_span_owed(&transition.step_name, transition.attempt);
+        }
         self.ctx.remember(&self.snapshot.taskrun, &settled);
         // A transition sent in two formats is one step transition.
         if self.ctx.settings.event_formats.iter().next() == Some(transition.format) {
@@ -867,7 +928,7 @@ impl Round<'_> {
         pod_name: Option<&str>,
         log: &StepLog,
     ) -> Result<Built> {
-        build_event(
+        let mut event = build_event(
             &self.ctx.settings.events,
             EventInput {
                 taskrun: &self.snapshot.taskrun,
@@ -877,8 +938,18 @@ impl Round<'_> {
                 pod_name,
                 log,
             },
-        )
-        .map(Built::Event)
+        )?;
+        if self.ctx.spans.is_some() {
+            // The CloudEvents distributed-tracing extension: the step's span.
+            let parent = step_traceparent(
+                &self.snapshot.trace,
+                &self.snapshot.taskrun.uid,
+                &transition.step_name,
+                transition.attempt,
+            );
+            event.set_extension("traceparent", parent.header());
+        }
+        Ok(Built::Event(event))
     }
 }
 

@@ -23,6 +23,10 @@ pub enum Error {
     #[error("building the CloudEvent failed: {0}")]
     BuildEvent(String),
 
+    /// The OTLP endpoint did not take a batch of step spans.
+    #[error("exporting step spans failed: {0}")]
+    SpanExport(String),
+
     /// The sink URL is missing or not an absolute http(s) URL.
     #[error("sink URL {url:?} is not valid: {reason}")]
     InvalidSink {
@@ -132,7 +136,7 @@ impl Error {
     /// reports permanent ones.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::SendEvent { .. } | Error::ReadLog { .. } => true,
+            Error::SendEvent { .. } | Error::ReadLog { .. } | Error::SpanExport(_) => true,
             Error::PatchLedger { source, .. } | Error::Kube { source, .. } => {
                 kube_error_is_transient(source)
             }
@@ -155,6 +159,7 @@ impl Error {
             Error::MissingField { .. } => "missing_field",
             Error::MalformedLedger(_) => "malformed_ledger",
             Error::BuildEvent(_) => "build_event",
+            Error::SpanExport(_) => "span_export",
             Error::InvalidSink { .. } => "invalid_sink",
             Error::InvalidSetting { .. } => "invalid_setting",
             Error::HttpClient(_) => "http_client",

@@ -54,9 +54,34 @@ pub struct StepRecord {
     rejected: EventSet,
     dead_lettered: EventSet,
     dropped: EventSet,
+    span: SpanState,
+}
+
+/// Where a step run's OpenTelemetry span stands. Ordered: merging keeps the
+/// further one, so an exported span is never owed again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum SpanState {
+    /// No span: tracing was off when the step's terminal event settled, or
+    /// it has not settled yet.
+    #[default]
+    None,
+    /// The step ended while tracing was on; its span is still to export.
+    Owed,
+    /// The span was exported; it is never exported again.
+    Exported,
 }
 
 impl StepRecord {
+    /// Whether this step run's span is owed and not yet exported.
+    pub fn span_owed(&self) -> bool {
+        self.span == SpanState::Owed
+    }
+
+    /// Whether this step run's span was exported.
+    pub fn span_exported(&self) -> bool {
+        self.span == SpanState::Exported
+    }
+
     /// Whether the native event of this kind was settled, in any way.
     pub fn settled(&self, kind: StepEventKind) -> bool {
         self.settled_in(EventFormat::Native, kind)
@@ -169,6 +194,9 @@ struct StepJson {
     dead_lettered: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     dropped: Vec<String>,
+    /// The step run's span: `owed` or `exported` (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    span: Option<String>,
 }
 
 fn is_first_attempt(attempt: &u32) -> bool {
@@ -207,6 +235,13 @@ impl Ledger {
                         ledger.steps.len() - 1
                     });
             let record = &mut ledger.steps[at];
+            let span = match step.span.as_deref() {
+                Some("exported") => SpanState::Exported,
+                Some("owed") => SpanState::Owed,
+                // Unknown words are ignored, as unknown types are.
+                _ => SpanState::None,
+            };
+            record.span = record.span.max(span);
             for (set, types) in [
                 (&mut record.delivered, &step.emitted),
                 (&mut record.rejected, &step.rejected),
@@ -236,6 +271,11 @@ impl Ledger {
                     rejected: to_types(s.rejected),
                     dead_lettered: to_types(s.dead_lettered),
                     dropped: to_types(s.dropped),
+                    span: match s.span {
+                        SpanState::None => None,
+                        SpanState::Owed => Some("owed".to_owned()),
+                        SpanState::Exported => Some("exported".to_owned()),
+                    },
                 })
                 .collect(),
         };
@@ -298,10 +338,33 @@ impl Ledger {
         true
     }
 
+    /// Marks the span of a step run owed (its terminal event settled while
+    /// tracing is on), unless it was exported. Returns whether it changed.
+    pub fn mark_span_owed(&mut self, name: &str, attempt: u32) -> bool {
+        self.raise_span(name, attempt, SpanState::Owed)
+    }
+
+    /// Marks the span of a step run exported. Returns whether it changed.
+    pub fn mark_span_exported(&mut self, name: &str, attempt: u32) -> bool {
+        self.raise_span(name, attempt, SpanState::Exported)
+    }
+
+    fn raise_span(&mut self, name: &str, attempt: u32, to: SpanState) -> bool {
+        if self
+            .step_attempt(name, attempt)
+            .is_some_and(|s| s.span >= to)
+        {
+            return false;
+        }
+        self.record_mut(name, attempt).span = to;
+        true
+    }
+
     /// Adds everything `other` settled.
     pub fn merge(&mut self, other: &Ledger) {
         for step in &other.steps {
             let record = self.record_mut(&step.name, step.attempt);
+            record.span = record.span.max(step.span);
             record.delivered.0 |= step.delivered.0;
             record.rejected.0 |= step.rejected.0;
             record.dead_lettered.0 |= step.dead_lettered.0;
@@ -322,7 +385,7 @@ impl Ledger {
                 .step_attempt(&theirs.name, theirs.attempt)
                 .cloned()
                 .unwrap_or_default();
-            theirs.all().0 & !ours.all().0 == 0
+            theirs.all().0 & !ours.all().0 == 0 && ours.span >= theirs.span
         })
     }
 
@@ -525,6 +588,37 @@ mod tests {
                 .step("a")
                 .unwrap()
                 .settled_in(cd, StepEventKind::Failed)
+        );
+    }
+
+    #[test]
+    fn span_states_round_trip_merge_upwards_and_count_in_covers() {
+        let mut ledger = Ledger::default();
+        assert!(ledger.record("a", StepEventKind::Succeeded, Settlement::Delivered));
+        assert!(ledger.mark_span_owed("a", 0));
+        assert!(!ledger.mark_span_owed("a", 0));
+        let owed = ledger.clone();
+        let text = ledger.to_annotation(PREFIX);
+        assert_eq!(
+            text,
+            r#"{"statuses":[{"name":"a","emitted":["dev.tekton.event.plugin.step.succeeded.v1"],"span":"owed"}]}"#
+        );
+        assert_eq!(Ledger::parse(&text).unwrap(), ledger);
+        assert!(ledger.step("a").unwrap().span_owed());
+        assert!(ledger.mark_span_exported("a", 0));
+        // Exported is final: owing it again is a no-op, and a stale copy
+        // that says owed cannot take it back.
+        assert!(!ledger.mark_span_owed("a", 0));
+        let mut merged = owed.clone();
+        merged.merge(&ledger);
+        assert!(merged.step("a").unwrap().span_exported());
+        assert!(
+            !owed.covers(&ledger),
+            "an export not yet written is not covered"
+        );
+        assert!(ledger.covers(&owed));
+        assert!(
+            Ledger::parse(r#"{"statuses":[{"name":"a","emitted":[],"span":"weird"}]}"#).is_ok()
         );
     }
 

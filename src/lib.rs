@@ -16,12 +16,14 @@ pub mod leader;
 pub mod ledger;
 pub mod logs;
 pub mod metrics;
+pub mod otel;
 pub mod server;
 pub mod signature;
 pub mod sink;
 pub mod sink_config;
 pub mod sink_credentials;
 pub mod step_event;
+pub mod step_span;
 pub mod steps;
 pub mod tekton;
 #[doc(hidden)]

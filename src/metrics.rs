@@ -30,6 +30,8 @@
 //! | `backfill_left_alone_total` | counter | |
 //! | `events_lost_total` | counter | `reason` |
 //! | `log_read_errors_total` | counter | |
+//! | `step_spans_exported_total` | counter | |
+//! | `step_span_export_errors_total` | counter | |
 //! | `watch_errors_total` | counter | |
 //! | `tracked_taskruns` | gauge | |
 //! | `step_transitions_total` | counter | `type` |
@@ -296,6 +298,8 @@ struct Inner {
     backfill_left_alone: Counter,
     events_lost: Family<LostLabels, Counter>,
     log_read_errors: Counter,
+    spans_exported: Counter,
+    span_export_errors: Counter,
     watch_errors: Counter,
     tracked_taskruns: Gauge,
     step_transitions: Family<TypeLabels, Counter>,
@@ -470,6 +474,20 @@ impl Metrics {
             log_read_errors.clone(),
         );
 
+        let spans_exported = Counter::default();
+        registry.register(
+            "step_spans_exported",
+            "Step spans the OTLP endpoint took (each step run once)",
+            spans_exported.clone(),
+        );
+
+        let span_export_errors = Counter::default();
+        registry.register(
+            "step_span_export_errors",
+            "Exports of step spans that failed (retried with backoff)",
+            span_export_errors.clone(),
+        );
+
         let watch_errors = Counter::default();
         registry.register(
             "watch_errors",
@@ -526,6 +544,8 @@ impl Metrics {
                 backfill_left_alone,
                 events_lost,
                 log_read_errors,
+                spans_exported,
+                span_export_errors,
                 watch_errors,
                 tracked_taskruns,
                 step_transitions,
@@ -685,6 +705,16 @@ impl Metrics {
     /// Reading a step container's log failed.
     pub fn record_log_read_error(&self) {
         self.inner.log_read_errors.inc();
+    }
+
+    /// The OTLP endpoint took `count` step spans.
+    pub fn record_spans_exported(&self, count: usize) {
+        self.inner.spans_exported.inc_by(count as u64);
+    }
+
+    /// An export of step spans failed.
+    pub fn record_span_export_error(&self) {
+        self.inner.span_export_errors.inc();
     }
 
     /// A Kubernetes watch reported an error (it restarts by itself).

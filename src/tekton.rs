@@ -140,6 +140,9 @@ pub struct TaskRunStatus {
     /// (Tekton's `retryTaskRun` archives the whole status here).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retries_status: Vec<TaskRunStatus>,
+    /// The TaskRun's trace context where Tekton traces it (`traceparent`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub span_context: BTreeMap<String, String>,
 }
 
 impl TaskRunStatus {

@@ -6,7 +6,21 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use crate::tekton::{Condition, TaskRun, TaskRunStatus, TaskSpec};
+use crate::tekton::{Condition, TaskRun, TaskRunRef, TaskRunStatus, TaskSpec, TektonVersion};
+
+/// TaskRun `ci/build-42` of PipelineRun `release` (task `build`), as events
+/// name it.
+pub fn taskrun_ref() -> TaskRunRef {
+    TaskRunRef {
+        version: TektonVersion::V1,
+        namespace: "ci".into(),
+        name: "build-42".into(),
+        uid: "50df8d70-8c11-4cd4-8fdf-3aa4cb287408".into(),
+        pipeline_run: Some("release".into()),
+        pipeline_task: Some("build".into()),
+        pipeline_run_uid: Some("0f3c8a42-2f7e-4c0b-9b55-8d8a0c4f1e21".into()),
+    }
+}
 
 /// A simulated step state, relative to the step's position.
 #[derive(Clone, Debug)]

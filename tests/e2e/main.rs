@@ -14,6 +14,7 @@ mod real_entrypoint;
 mod shutdown;
 mod sink_policy;
 mod sink_security;
+mod step_spans;
 
 use std::collections::HashSet;
 

@@ -557,6 +557,8 @@ pub struct Observer {
     /// What it was started with, for [`Observer::restart`].
     args: Vec<String>,
     kubeconfig: Option<String>,
+    /// Extra environment, for [`Observer::restart`] too.
+    env: Vec<(String, String)>,
 }
 
 impl Observer {
@@ -567,6 +569,16 @@ impl Observer {
         Self::start_at(test, args, kubeconfig, metrics).await
     }
 
+    /// As [`Observer::start`], with extra environment variables.
+    pub async fn start_with_env(test: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Self::launch(test, args, None, metrics, env).await
+    }
+
     /// As [`Observer::start`], serving metrics on `metrics`.
     pub async fn start_at(
         test: &str,
@@ -574,19 +586,30 @@ impl Observer {
         kubeconfig: Option<&str>,
         metrics: SocketAddr,
     ) -> Self {
+        Self::launch(test, args, kubeconfig, metrics, Vec::new()).await
+    }
+
+    async fn launch(
+        test: &str,
+        args: &[&str],
+        kubeconfig: Option<&str>,
+        metrics: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{test}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let kubeconfig = kubeconfig.map(str::to_owned);
-        let child = Self::spawn(metrics, &args, kubeconfig.as_deref(), file);
+        let child = Self::spawn(metrics, &args, kubeconfig.as_deref(), &env, file);
         let observer = Observer {
             child,
             metrics,
             log,
             args,
             kubeconfig,
+            env,
         };
         observer.wait_healthy().await;
         observer
@@ -596,6 +619,7 @@ impl Observer {
         metrics: SocketAddr,
         args: &[String],
         kubeconfig: Option<&str>,
+        env: &[(String, String)],
         file: std::fs::File,
     ) -> Child {
         // E2E_OBSERVER_BIN runs another build (say, an older revision's) for
@@ -619,6 +643,7 @@ impl Observer {
         if let Some(kubeconfig) = kubeconfig {
             command.env("KUBECONFIG", kubeconfig);
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         command.spawn().expect("start the observer")
     }
 
@@ -660,7 +685,13 @@ impl Observer {
             .open(&self.log)
             .unwrap();
         writeln!(file, "---- restarted by the test ----").unwrap();
-        self.child = Self::spawn(self.metrics, &self.args, self.kubeconfig.as_deref(), file);
+        self.child = Self::spawn(
+            self.metrics,
+            &self.args,
+            self.kubeconfig.as_deref(),
+            &self.env,
+            file,
+        );
         self.wait_healthy().await;
     }
 
