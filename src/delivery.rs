@@ -147,7 +147,6 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
     let mut first_pass = true;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let uid = snapshot.taskrun.uid.clone();
         let Some(owed) = owed_events(&ctx, &snapshot) else {
             return;
         };
@@ -228,27 +227,20 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             // Closed only when the process is going down.
             Err(_) => return,
         };
+        // The events' ledger first: a span export that hangs must not hold
+        // back the record of what the sink took.
+        patch_owed = !write_settled(&ctx, &snapshot, &mut own_write).await;
+        // Spans go out even while the sink refuses events: they do not
+        // depend on it. What was exported is recorded at once.
         let end = match end {
-            RoundEnd::Settled | RoundEnd::Checkpoint
-                if !export_owed_spans(&ctx, &snapshot).await =>
-            {
-                RoundEnd::RetryAfter(Duration::ZERO)
+            RoundEnd::NotLeader | RoundEnd::Stopping => end,
+            _ if export_owed_spans(&ctx, &snapshot).await => {
+                patch_owed = !write_settled(&ctx, &snapshot, &mut own_write).await;
+                end
             }
+            RoundEnd::Settled | RoundEnd::Checkpoint => RoundEnd::RetryAfter(Duration::ZERO),
             end => end,
         };
-        let settled = ctx.memory_ledger(&uid);
-        if !ledger_covers_memory(&snapshot, &settled) {
-            match patch_ledger(&ctx, &snapshot, &settled, &mut own_write).await {
-                Ok(()) => patch_owed = false,
-                Err(error) => {
-                    patch_owed = true;
-                    ctx.metrics.record_reconcile_error(error.metric_label());
-                    warn!(taskrun = %snapshot.taskrun.key(), %error, "could not record the ledger; will retry");
-                }
-            }
-        } else {
-            patch_owed = false;
-        }
         let wait = match end {
             RoundEnd::Settled | RoundEnd::Checkpoint if !patch_owed => {
                 attempt = 0;
@@ -274,6 +266,28 @@ pub async fn run_worker(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Sn
             () = tokio::time::sleep(wait) => {}
             // Stopping ends the wait: the gate then closes and the ledger is written.
             _ = stopping.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+/// Writes what this process settled for the TaskRun into its ledger, if
+/// the annotation lacks any of it. Whether the ledger holds it all now; a
+/// failed write is counted, logged and retried by the caller.
+async fn write_settled(
+    ctx: &Context,
+    snapshot: &Snapshot,
+    own_write: &mut Option<OwnWrite>,
+) -> bool {
+    let settled = ctx.memory_ledger(&snapshot.taskrun.uid);
+    if ledger_covers_memory(snapshot, &settled) {
+        return true;
+    }
+    match patch_ledger(ctx, snapshot, &settled, own_write).await {
+        Ok(()) => true,
+        Err(error) => {
+            ctx.metrics.record_reconcile_error(error.metric_label());
+            warn!(taskrun = %snapshot.taskrun.key(), %error, "could not record the ledger; will retry");
+            false
         }
     }
 }

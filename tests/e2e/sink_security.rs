@@ -651,9 +651,10 @@ async fn a_retry_policy_without_a_dead_letter_sink_drops_and_says_so() {
     );
 }
 
-/// The overlays for sinks in production (`config/overlays/`) build on the
-/// install, give the observer what they say (a flag and the volume behind
-/// it), and the API server accepts what they render (a server-side dry run).
+/// The overlays for production (`config/overlays/`) build on the install,
+/// give the observer what they say (a flag and the volume behind it, or
+/// the environment), and the API server accepts what they render (a
+/// server-side dry run).
 #[tokio::test(flavor = "multi_thread")]
 async fn production_overlays_render_and_the_api_server_accepts_them() {
     let config = format!("{}/config", env!("CARGO_MANIFEST_DIR"));
@@ -669,6 +670,11 @@ async fn production_overlays_render_and_the_api_server_accepts_them() {
             "oidc-token",
             "--sink-token-file=/var/run/secrets/tekton-step-observer/sink/token",
             "audience: my-sink-audience",
+        ),
+        (
+            "tracing",
+            "name: OTEL_EXPORTER_OTLP_ENDPOINT",
+            "value: http://otel-collector.observability.svc:4318",
         ),
     ] {
         let dir = format!("{config}/overlays/{overlay}");

@@ -23,8 +23,12 @@ struct Jaeger {
 
 impl Jaeger {
     async fn start(test: &str) -> Self {
-        let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-        let (otlp, query, grpc) = (port(), port(), port());
+        Self::start_at(test, loopback_port()).await
+    }
+
+    /// As [`Jaeger::start`], receiving OTLP at `otlp`.
+    async fn start_at(test: &str, otlp: SocketAddr) -> Self {
+        let (query, grpc) = (loopback_port(), loopback_port());
         let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join(format!("{test}-jaeger.yaml"));
@@ -123,6 +127,10 @@ impl Drop for Jaeger {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn loopback_port() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
 /// A span's tag value.
@@ -342,4 +350,68 @@ async fn step_spans_reach_jaeger_at_tektons_times_under_the_right_parent_once() 
         5,
         "no event twice"
     );
+}
+
+/// An OTLP endpoint that is down when the steps end: the export fails, is
+/// counted and retried, and once the endpoint is up the spans arrive, each
+/// once, while the events went out on time regardless.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_wait_for_an_otlp_endpoint_that_is_down_and_arrive_once() {
+    let test = "tracing-down";
+    let otlp = loopback_port();
+    let endpoint = format!("http://{otlp}");
+    let client = client().await;
+    let ns = TestNamespace::create(&client, test).await;
+    let (addr, received) = start_receiver().await;
+    let sink = format!("http://{addr}/");
+    let observer = Observer::start_with_env(
+        test,
+        &["--namespace", &ns.name, "--sink", &sink],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+    )
+    .await;
+    let uid = create_taskrun(
+        &client,
+        &ns.name,
+        json!({
+            "apiVersion": "tekton.dev/v1",
+            "kind": "TaskRun",
+            "metadata": {"name": "tr"},
+            "spec": {"taskSpec": {"steps": [step("only", "echo done")]}},
+        }),
+    )
+    .await;
+    received.wait_for_count(&uid, 2).await;
+    wait_for("a failed span export", EVENT_DEADLINE, || async {
+        let metrics = observer.metrics_text().await;
+        series(
+            &metrics,
+            "tekton_step_observer_step_span_export_errors_total",
+        )
+        .filter(|errors| *errors > 0.0)
+    })
+    .await;
+    let taskrun = get_taskrun(&client, &ns.name, "tr").await;
+    let ledger = ledger_of(&taskrun).expect("a ledger");
+    assert_eq!(ledger["statuses"][0]["span"], "owed", "{ledger}");
+
+    let jaeger = Jaeger::start_at(test, otlp).await;
+    let trace_id: String = uid.chars().filter(|c| *c != '-').collect();
+    let spans = jaeger.wait_for_spans(&trace_id, 1).await;
+    assert_eq!(spans[0]["operationName"], "step only");
+    wait_for("the span recorded exported", EVENT_DEADLINE, || async {
+        let taskrun = get_taskrun(&client, &ns.name, "tr").await;
+        (ledger_of(&taskrun)?["statuses"][0]["span"] == "exported").then_some(())
+    })
+    .await;
+    // Retried until taken, then never again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(jaeger.spans(&trace_id).await.len(), 1, "the span once");
+    let metrics = observer.metrics_text().await;
+    assert_eq!(
+        series(&metrics, "tekton_step_observer_step_spans_exported_total"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(received.for_taskrun(&uid).len(), 2, "no event twice");
 }
