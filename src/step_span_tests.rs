@@ -19,6 +19,7 @@ fn traceparents_parse_and_print_as_w3c_says() {
         "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
         "00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
     ] {
         assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
     }
