@@ -302,6 +302,11 @@ pub struct InspectArgs {
     #[arg(long, env = "TSO_TYPE_PREFIX", default_value = DEFAULT_TYPE_PREFIX)]
     pub type_prefix: String,
 
+    /// The formats the observer sends (as its `--event-format`): what is
+    /// owed is shown for these.
+    #[arg(long, env = "TSO_EVENT_FORMAT", value_parser = EventFormats::parse, default_value = "native")]
+    pub event_format: EventFormats,
+
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
