@@ -250,7 +250,9 @@ pub fn owed_spans(facts: &RunFacts, ledger: &Ledger, trace: &RunTrace, uid: &str
                 finished_at,
                 ..
             }) => (*started_at, *finished_at, Some(*exit_code)),
-            Some(StepPhase::Running { started_at }) => (*started_at, run_end, None),
+            // A running container's start is the pod's for every step but
+            // the first: the step's own start is when the one before ended.
+            Some(StepPhase::Running { .. }) => (None, run_end, None),
             _ => (None, None, None),
         };
         let start = start.or(starts.get(&key).copied().flatten());

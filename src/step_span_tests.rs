@@ -141,3 +141,38 @@ fn a_step_killed_while_running_ends_its_span_at_the_runs_end() {
     assert_eq!(spans[0].outcome, SpanOutcome::Failed);
     assert!(spans[0].end >= spans[0].start);
 }
+
+#[test]
+fn a_later_step_still_running_at_the_runs_end_starts_when_the_one_before_ended() {
+    use crate::testing::running;
+    let taskrun = TaskRunBuilder::new("tr")
+        .step("a", exited(0))
+        .step("b", running(0))
+        .failed("TaskRunTimeout")
+        .build();
+    let facts = run_facts(taskrun.status.as_ref()).unwrap();
+    let mut ledger = Ledger::default();
+    ledger.mark_span_owed("b", 0);
+    let spans = owed_spans(
+        &facts,
+        &ledger,
+        &run_trace(UID, &BTreeMap::new(), None),
+        UID,
+    );
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let status = taskrun.status.as_ref().unwrap();
+    let a_finished = DateTime::parse_from_rfc3339(
+        status.steps[0]["terminated"]["finishedAt"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .with_timezone(&Utc);
+    assert_eq!(
+        spans[0].start, a_finished,
+        "not the container's (the pod's) start"
+    );
+    assert_eq!(spans[0].outcome, SpanOutcome::Failed);
+    assert_eq!(spans[0].reason.as_deref(), Some("TaskRunTimeout"));
+    assert_eq!(spans[0].exit_code, None);
+}
