@@ -893,3 +893,101 @@ async fn both_formats_are_owed_delivered_recorded_and_cdevents_validate() {
     );
     capture_fixture(&harness.client, &harness.ns.name, "pr-build", &harness.test).await;
 }
+
+/// CDEvents keep the native events' guarantees through a sink outage: with
+/// `--event-format both` and the sink answering 503, nothing is lost or
+/// recorded; once it answers again every event of both kinds arrives, in
+/// order (native first per transition), each once, and the ledger records
+/// them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_formats_ride_out_a_sink_outage_in_order_and_once() {
+    use std::sync::atomic::Ordering;
+    let harness = Harness::start("cdevents-outage", &["--event-format", "both"]).await;
+    harness.received.fail_with.store(503, Ordering::SeqCst);
+    let uid = create_taskrun(
+        &harness.client,
+        &harness.ns.name,
+        taskrun(json!({"steps": [
+            step("first", "#!/bin/sh\necho one"),
+            step("second", "#!/bin/sh\nexit 2"),
+        ]})),
+    )
+    .await;
+    wait_finished(&harness.client, &harness.ns.name, "tr").await;
+    wait_for(
+        "retries against the failing sink",
+        EVENT_DEADLINE,
+        || async {
+            let metrics = harness.observer.metrics_text().await;
+            series(
+                &metrics,
+                r#"tekton_step_observer_delivery_retries_total{reason="server_error"}"#,
+            )
+            .filter(|retries| *retries >= 2.0)
+        },
+    )
+    .await;
+    let during = get_taskrun(&harness.client, &harness.ns.name, "tr").await;
+    assert!(
+        ledger_of(&during).is_none_or(|l| l["statuses"].as_array().is_none_or(|s| s
+            .iter()
+            .all(|e| e["emitted"].as_array().is_none_or(Vec::is_empty)))),
+        "nothing recorded while the sink refuses: {:?}",
+        ledger_of(&during)
+    );
+    harness.received.fail_with.store(0, Ordering::SeqCst);
+    let transitions = [
+        ("first", "started"),
+        ("first", "succeeded"),
+        ("second", "started"),
+        ("second", "failed"),
+    ];
+    let events = harness
+        .received
+        .wait_for_count(&uid, 2 * transitions.len())
+        .await;
+    let arrived: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.ty().to_owned(),
+                e.subject().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = transitions
+        .iter()
+        .flat_map(|(step, kind)| {
+            let predicate = if *kind == "started" {
+                "started"
+            } else {
+                "finished"
+            };
+            [
+                (format!("{PREFIX}.{kind}.v1"), step.to_string()),
+                (
+                    format!("dev.cdeventsx.tekton-steprun.{predicate}.0.1.0"),
+                    format!("{uid}/{step}"),
+                ),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        arrived,
+        want,
+        "observer log:\n{}",
+        harness.observer.log_text()
+    );
+    wait_for_ledger(
+        &harness.client,
+        &harness.ns.name,
+        "tr",
+        2 * transitions.len(),
+    )
+    .await;
+    assert_eq!(
+        harness.received.for_taskrun(&uid).len(),
+        2 * transitions.len(),
+        "no event arrives twice"
+    );
+}
