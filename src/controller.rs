@@ -131,11 +131,7 @@ impl Tracker {
         let opted_out = crate::tekton::opted_out(&taskrun.metadata);
         let trace = run_trace(
             taskrun.metadata.uid.as_deref().unwrap_or_default(),
-            &taskrun
-                .status
-                .as_ref()
-                .map(|s| s.span_context.clone())
-                .unwrap_or_default(),
+            taskrun.status.as_ref().map(|s| &s.span_context),
             taskrun
                 .metadata
                 .annotations

@@ -101,7 +101,7 @@ pub struct RunTrace {
 /// else the annotation), else one of its own from the uid.
 pub fn run_trace(
     uid: &str,
-    span_context: &BTreeMap<String, String>,
+    span_context: Option<&BTreeMap<String, String>>,
     annotation: Option<&str>,
 ) -> RunTrace {
     let from_annotation = || {
@@ -109,7 +109,7 @@ pub fn run_trace(
         TraceParent::parse(map.get("traceparent")?)
     };
     let tekton = span_context
-        .get("traceparent")
+        .and_then(|c| c.get("traceparent"))
         .and_then(|t| TraceParent::parse(t))
         .or_else(from_annotation);
     match tekton {

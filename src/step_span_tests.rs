@@ -32,7 +32,10 @@ fn the_trace_is_tektons_where_it_traces_else_the_uid() {
     let tekton = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let from_status = run_trace(
         UID,
-        &BTreeMap::from([("traceparent".to_owned(), tekton.to_owned())]),
+        Some(&BTreeMap::from([(
+            "traceparent".to_owned(),
+            tekton.to_owned(),
+        )])),
         None,
     );
     assert_eq!(
@@ -44,17 +47,14 @@ fn the_trace_is_tektons_where_it_traces_else_the_uid() {
         Some("b7ad6b7169203331")
     );
     let annotation = format!(r#"{{"traceparent":"{tekton}"}}"#);
-    assert_eq!(
-        run_trace(UID, &BTreeMap::new(), Some(&annotation)),
-        from_status
-    );
-    let own = run_trace(UID, &BTreeMap::new(), Some("not json"));
+    assert_eq!(run_trace(UID, None, Some(&annotation)), from_status);
+    let own = run_trace(UID, None, Some("not json"));
     assert_eq!(hex(&own.trace_id), "50df8d708c114cd48fdf3aa4cb287408");
     assert_eq!(own.parent_span_id, None);
     assert!(own.sampled);
     // A uid that is not a UUID still gets a stable, valid trace id.
-    let odd = run_trace("not-a-uuid", &BTreeMap::new(), None);
-    assert_eq!(odd, run_trace("not-a-uuid", &BTreeMap::new(), None));
+    let odd = run_trace("not-a-uuid", None, None);
+    assert_eq!(odd, run_trace("not-a-uuid", None, None));
     assert_ne!(odd.trace_id, [0; 16]);
 }
 
@@ -76,7 +76,7 @@ fn spans_are_owed_only_where_the_ledger_says_so_and_for_steps_that_ran() {
         .failed("Failed")
         .build();
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
-    let trace = run_trace(UID, &BTreeMap::new(), None);
+    let trace = run_trace(UID, None, None);
     let mut ledger = Ledger::default();
     for step in ["a", "b", "c"] {
         ledger.record(step, StepEventKind::Started, Settlement::Delivered);
@@ -135,7 +135,7 @@ fn a_step_killed_while_running_ends_its_span_at_the_runs_end() {
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     let mut ledger = Ledger::default();
     ledger.mark_span_owed("a", 0);
-    let trace = run_trace(UID, &BTreeMap::new(), None);
+    let trace = run_trace(UID, None, None);
     let spans = owed_spans(&facts, &ledger, &trace, UID);
     assert_eq!(spans.len(), 1, "{spans:?}");
     assert_eq!(spans[0].outcome, SpanOutcome::Failed);
@@ -153,12 +153,7 @@ fn a_later_step_still_running_at_the_runs_end_starts_when_the_one_before_ended()
     let facts = run_facts(taskrun.status.as_ref()).unwrap();
     let mut ledger = Ledger::default();
     ledger.mark_span_owed("b", 0);
-    let spans = owed_spans(
-        &facts,
-        &ledger,
-        &run_trace(UID, &BTreeMap::new(), None),
-        UID,
-    );
+    let spans = owed_spans(&facts, &ledger, &run_trace(UID, None, None), UID);
     assert_eq!(spans.len(), 1, "{spans:?}");
     let status = taskrun.status.as_ref().unwrap();
     let a_finished = DateTime::parse_from_rfc3339(
