@@ -4,7 +4,7 @@ use crate::ledger::Ledger;
 use crate::step_event::{EventFormat, EventFormats};
 use crate::steps::{owed_in_formats, run_facts};
 use crate::tekton::TaskRunRef;
-use crate::testing::{TaskRunBuilder, exited, killed, skipped, taskrun_ref};
+use crate::testing::{TaskRunBuilder, event_input, exited, killed, skipped, taskrun_ref};
 use cloudevents::AttributesReader;
 
 fn transition(kind: StepEventKind, reason: Option<&str>) -> Transition {
@@ -298,24 +298,9 @@ fn every_event_validates_against_the_spec_custom_schema_and_ours() {
         let formats = EventFormats::parse("cdevents").unwrap();
         for transition in owed_in_formats(&facts, &Ledger::default(), formats) {
             for log in &logs {
-                let log = if transition.kind.is_terminal() {
-                    log.clone()
-                } else {
-                    StepLog::NotCarried
-                };
                 let doc = cdevent_document(
                     &EventSettings::default(),
-                    EventInput {
-                        taskrun: &tr,
-                        transition: &transition,
-                        step_spec: status
-                            .task_spec
-                            .as_ref()
-                            .map(|s| &s.steps[transition.step_index]),
-                        step_state: status.steps.get(transition.step_index),
-                        pod_name: status.pod_name.as_deref(),
-                        log: &log,
-                    },
+                    event_input(&tr, status, &transition, log),
                 );
                 for (which, validator) in
                     [("spec custom", &custom), ("ours", &ours(transition.kind))]

@@ -246,19 +246,16 @@ pub fn cap_log(bytes: &[u8], limit: usize) -> StepLog {
 mod tests {
     use super::*;
     use crate::steps::{owed_transitions, run_facts};
-    use crate::tekton::{TaskRunRef, TektonVersion};
-    use crate::testing::{TaskRunBuilder, exited};
+    use crate::tekton::TaskRunRef;
+    use crate::testing::{TaskRunBuilder, event_input, exited};
     use cloudevents::AttributesReader;
 
+    /// Of PipelineRun `release`, with no pipeline task label.
     fn taskrun_ref() -> TaskRunRef {
         TaskRunRef {
-            version: TektonVersion::V1,
-            namespace: "ci".into(),
-            name: "build-42".into(),
-            uid: "50df8d70-8c11-4cd4-8fdf-3aa4cb287408".into(),
-            pipeline_run: Some("release".into()),
             pipeline_task: None,
             pipeline_run_uid: None,
+            ..crate::testing::taskrun_ref()
         }
     }
 
@@ -276,14 +273,7 @@ mod tests {
         let log = cap_log(b"boom\n", 1024);
         let event = build_event(
             &EventSettings::default(),
-            EventInput {
-                taskrun: &tr,
-                transition: failed,
-                step_spec: status.task_spec.as_ref().map(|s| &s.steps[0]),
-                step_state: status.steps.first(),
-                pod_name: status.pod_name.as_deref(),
-                log: &log,
-            },
+            event_input(&tr, status, failed, &log),
         )
         .unwrap();
         assert_eq!(
@@ -457,22 +447,7 @@ mod tests {
         ];
         for transition in owed_transitions(&facts, &Ledger::default()) {
             for log in &logs {
-                let log = if transition.kind.is_terminal() {
-                    log.clone()
-                } else {
-                    StepLog::NotCarried
-                };
-                let data = event_data(EventInput {
-                    taskrun: &tr,
-                    transition: &transition,
-                    step_spec: status
-                        .task_spec
-                        .as_ref()
-                        .map(|s| &s.steps[transition.step_index]),
-                    step_state: status.steps.get(transition.step_index),
-                    pod_name: status.pod_name.as_deref(),
-                    log: &log,
-                });
+                let data = event_data(event_input(&tr, status, &transition, log));
                 let validator = schema_for(transition.kind);
                 let errors: Vec<String> = validator
                     .iter_errors(&data)

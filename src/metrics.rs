@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
@@ -325,6 +325,14 @@ impl Default for Metrics {
     }
 }
 
+/// Creates a family's series for every step event type, at zero (see
+/// [`Metrics::new`]).
+fn one_series_per_type<M, C: MetricConstructor<M>>(family: &Family<TypeLabels, M, C>) {
+    for r#type in StepEventKind::ALL {
+        drop(family.get_or_create(&TypeLabels { r#type }));
+    }
+}
+
 impl Metrics {
     /// Registers every metric, with every label combination known up front
     /// already at zero: `rate()` and `increase()` then see the first event
@@ -354,9 +362,7 @@ impl Metrics {
             Unit::Seconds,
             delivery_latency.clone(),
         );
-        for r#type in StepEventKind::ALL {
-            drop(delivery_latency.get_or_create(&TypeLabels { r#type }));
-        }
+        one_series_per_type(&delivery_latency);
 
         let dispatch: HistogramFamily<TypeLabels> =
             Family::new_with_constructor(dispatch_histogram);
@@ -366,9 +372,7 @@ impl Metrics {
             Unit::Seconds,
             dispatch.clone(),
         );
-        for r#type in StepEventKind::ALL {
-            drop(dispatch.get_or_create(&TypeLabels { r#type }));
-        }
+        one_series_per_type(&dispatch);
 
         let credential_reloads = Counter::default();
         registry.register(
@@ -508,9 +512,7 @@ impl Metrics {
             "Step transitions settled (sent, or settled otherwise: rejected, dead-lettered, dropped), by type; types filtered out by --event-types are not counted",
             step_transitions.clone(),
         );
-        for r#type in StepEventKind::ALL {
-            drop(step_transitions.get_or_create(&TypeLabels { r#type }));
-        }
+        one_series_per_type(&step_transitions);
 
         let step_duration: HistogramFamily<StepDurationLabels> =
             Family::new_with_constructor(step_duration_histogram);

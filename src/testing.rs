@@ -6,6 +6,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
+use crate::event::{EventInput, StepLog};
+use crate::steps::Transition;
 use crate::tekton::{Condition, TaskRun, TaskRunRef, TaskRunStatus, TaskSpec, TektonVersion};
 
 /// TaskRun `ci/build-42` of PipelineRun `release` (task `build`), as events
@@ -19,6 +21,33 @@ pub fn taskrun_ref() -> TaskRunRef {
         pipeline_run: Some("release".into()),
         pipeline_task: Some("build".into()),
         pipeline_run_uid: Some("0f3c8a42-2f7e-4c0b-9b55-8d8a0c4f1e21".into()),
+    }
+}
+
+/// The event input of `transition` as the delivery worker builds it from
+/// `status`: the step's spec, its state and the pod, with `log` where the
+/// event carries one (terminal events) and none otherwise.
+pub fn event_input<'a>(
+    taskrun: &'a TaskRunRef,
+    status: &'a TaskRunStatus,
+    transition: &'a Transition,
+    log: &'a StepLog,
+) -> EventInput<'a> {
+    const NOT_CARRIED: &StepLog = &StepLog::NotCarried;
+    EventInput {
+        taskrun,
+        transition,
+        step_spec: status
+            .task_spec
+            .as_ref()
+            .and_then(|s| s.steps.get(transition.step_index)),
+        step_state: status.steps.get(transition.step_index),
+        pod_name: status.pod_name.as_deref(),
+        log: if transition.kind.is_terminal() {
+            log
+        } else {
+            NOT_CARRIED
+        },
     }
 }
 

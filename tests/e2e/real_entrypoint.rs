@@ -702,6 +702,44 @@ async fn step_metrics_count_transitions_and_time_steps_as_tekton_reports_them() 
     );
 }
 
+/// The CDEvents type of the event for a step transition of `kind`.
+fn cd_type(kind: &str) -> String {
+    let predicate = if kind == "started" {
+        "started"
+    } else {
+        "finished"
+    };
+    format!("dev.cdeventsx.tekton-steprun.{predicate}.0.1.0")
+}
+
+/// Each event's type and subject, in arrival order.
+fn types_and_subjects(events: &[cloudevents::Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.ty().to_owned(),
+                e.subject().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// What `--event-format both` sends for `transitions` of TaskRun `uid`, in
+/// order: each transition's native event (subject the step), then its
+/// CDEvent (subject the step run).
+fn both_formats_expected(uid: &str, transitions: &[(&str, &str)]) -> Vec<(String, String)> {
+    transitions
+        .iter()
+        .flat_map(|(step, kind)| {
+            [
+                (format!("{PREFIX}.{kind}.v1"), step.to_string()),
+                (cd_type(kind), format!("{uid}/{step}")),
+            ]
+        })
+        .collect()
+}
+
 /// Where the CDEvents schemas are published (the default `--dataschema-base`).
 const SCHEMA_BASE: &str =
     "https://raw.githubusercontent.com/tekton-step-observer/tekton-step-observer/main/schema/";
@@ -739,35 +777,9 @@ async fn both_formats_are_owed_delivered_recorded_and_cdevents_validate() {
         .received
         .wait_for_count(&uid, 2 * transitions.len())
         .await;
-    let cd_type = |kind: &str| {
-        let predicate = if kind == "started" {
-            "started"
-        } else {
-            "finished"
-        };
-        format!("dev.cdeventsx.tekton-steprun.{predicate}.0.1.0")
-    };
-    let arrived: Vec<(String, String)> = events
-        .iter()
-        .map(|e| {
-            (
-                e.ty().to_owned(),
-                e.subject().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    let want: Vec<(String, String)> = transitions
-        .iter()
-        .flat_map(|(step, kind)| {
-            [
-                (format!("{PREFIX}.{kind}.v1"), step.to_string()),
-                (cd_type(kind), format!("{uid}/{step}")),
-            ]
-        })
-        .collect();
     assert_eq!(
-        arrived,
-        want,
+        types_and_subjects(&events),
+        both_formats_expected(&uid, &transitions),
         "observer log:\n{}",
         harness.observer.log_text()
     );
@@ -946,35 +958,9 @@ async fn both_formats_ride_out_a_sink_outage_in_order_and_once() {
         .received
         .wait_for_count(&uid, 2 * transitions.len())
         .await;
-    let arrived: Vec<(String, String)> = events
-        .iter()
-        .map(|e| {
-            (
-                e.ty().to_owned(),
-                e.subject().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    let want: Vec<(String, String)> = transitions
-        .iter()
-        .flat_map(|(step, kind)| {
-            let predicate = if *kind == "started" {
-                "started"
-            } else {
-                "finished"
-            };
-            [
-                (format!("{PREFIX}.{kind}.v1"), step.to_string()),
-                (
-                    format!("dev.cdeventsx.tekton-steprun.{predicate}.0.1.0"),
-                    format!("{uid}/{step}"),
-                ),
-            ]
-        })
-        .collect();
     assert_eq!(
-        arrived,
-        want,
+        types_and_subjects(&events),
+        both_formats_expected(&uid, &transitions),
         "observer log:\n{}",
         harness.observer.log_text()
     );
